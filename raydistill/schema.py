@@ -1,0 +1,68 @@
+"""The Parquet contract of every artifact, in one place.
+
+Stages check the columns they need with ``require_columns`` and fail with an error that names
+what is missing, before any expensive work starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pyarrow as pa
+
+from raydistill.errors import DataError
+
+QUERIES = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("gold", pa.string()),
+        pa.field("source", pa.string()),
+    ]
+)
+
+SAMPLES = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("query", pa.string(), nullable=False),
+        pa.field("gold", pa.string()),
+        pa.field("sample_index", pa.int32(), nullable=False),
+        pa.field("prompt_sha256", pa.string(), nullable=False),
+        pa.field("teacher_model", pa.string(), nullable=False),
+        pa.field("response", pa.string()),
+        pa.field("label", pa.string()),
+        pa.field("valid", pa.bool_(), nullable=False),
+        pa.field("reject_reason", pa.string()),
+        pa.field("num_input_tokens", pa.int32()),
+        pa.field("num_output_tokens", pa.int32()),
+    ]
+)
+
+EVAL_RESULTS = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("query", pa.string(), nullable=False),
+        pa.field("gold", pa.string()),
+        pa.field("system", pa.string(), nullable=False),
+        pa.field("answer", pa.string()),
+        pa.field("label", pa.string()),
+        pa.field("valid", pa.bool_(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("latency_s", pa.float64()),
+        pa.field("num_input_tokens", pa.int32()),
+        pa.field("num_output_tokens", pa.int32()),
+    ]
+)
+
+
+def require_columns(available: Iterable[str], schema: pa.Schema, what: str, fix: str) -> None:
+    """Raise DataError naming every column of ``schema`` missing from ``available``."""
+    missing = [name for name in schema.names if name not in set(available)]
+    if missing:
+        raise DataError(f"{what} is missing column(s) {missing}; {fix}")
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Select and cast ``table``'s columns to ``schema`` (extra columns are dropped)."""
+    require_columns(table.column_names, schema, "table", "this is a bug in the stage that wrote it")
+    return table.select(schema.names).cast(schema)

@@ -1,0 +1,208 @@
+"""`raydistill serve`: one Ray Serve app, OpenAI-compatible, serving the student and the teacher.
+
+    ray job submit --working-dir . -- raydistill serve jobs/configs/demo_cpu.yaml
+
+Model names on ``/v1/chat/completions``:
+  - ``student``: the merged student, given the request as it is (no target prompt);
+  - ``teacher``: the teacher model with the task's target prompt injected *server-side*
+    around the last user message, so clients send identical traffic to both;
+  - ``base``: the teacher model without the prompt (what the student started from, when
+    student and teacher share a base).
+
+Why a deployment around vLLM's ``AsyncLLM`` and not ``ray.serve.llm``: prompts are rendered by
+the same function that rendered the student's training data (``raydistill.render``), and the
+teacher's prompt injection and the forced answer prefix live in one place. Each model runs
+one engine per replica; the router only parses, validates and dispatches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from raydistill.config import ServeConfig
+from raydistill.render import render_prompt
+from raydistill.serve.openai_api import (
+    ChatCompletionRequest,
+    completion_body,
+    error_body,
+    models_body,
+)
+from raydistill.tasks.task import TaskSpec
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 64
+
+
+class ContextLengthError(ValueError):
+    """The rendered prompt plus max_tokens does not fit the model's context."""
+
+
+class ModelServer:
+    """One vLLM engine; renders chats with the model's template and generates (a Serve deployment)."""
+
+    def __init__(self, model_path: str, serve: dict[str, Any]):
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        cfg = ServeConfig.model_validate(serve)
+        self.max_model_len = cfg.max_model_len
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        kwargs: dict[str, Any] = {
+            "model": model_path,
+            "dtype": cfg.dtype,
+            "max_model_len": cfg.max_model_len,
+            "enable_prefix_caching": True,
+            "enforce_eager": cfg.enforce_eager,
+            "disable_log_stats": True,
+        }
+        if cfg.block_size:
+            kwargs["block_size"] = cfg.block_size
+        if cfg.accelerator == "cpu":
+            kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * 2**30)
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+
+    async def generate(self, messages: list[dict[str, str]], prefix: str, params: dict[str, Any]) -> dict[str, Any]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompt = render_prompt(self.tokenizer, messages, prefix)
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if len(ids) + params["max_tokens"] > self.max_model_len:
+            raise ContextLengthError(
+                f"prompt has {len(ids)} tokens and max_tokens is {params['max_tokens']}: more than the "
+                f"model's context of {self.max_model_len}; shorten the input or lower max_tokens"
+            )
+        final = None
+        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), SamplingParams(**params), uuid.uuid4().hex):
+            final = out
+        assert final is not None
+        choice = final.outputs[0]
+        return {"text": choice.text, "finish_reason": choice.finish_reason, "prompt_tokens": len(ids),
+                "completion_tokens": len(choice.token_ids)}
+
+    async def health(self) -> bool:
+        await self.engine.check_health()
+        return True
+
+
+@dataclass(frozen=True)
+class Route:
+    """A public model name: which engine answers it, and whether the target prompt is injected."""
+
+    engine: str
+    inject_prompt: bool
+
+
+def routes_for(has_student: bool) -> dict[str, Route]:
+    """Public model names → engines. ``teacher`` and ``base`` share the teacher's engine."""
+    routes = {"teacher": Route("teacher", True), "base": Route("teacher", False)}
+    if has_student:
+        routes["student"] = Route("student", False)
+    return routes
+
+
+def build_app(model_paths: dict[str, str], task: TaskSpec, serve: ServeConfig) -> Any:
+    """The Serve application: one ModelServer per engine (``teacher``, ``student``) and a router."""
+    routes = routes_for("student" in model_paths)
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from pydantic import ValidationError
+    from ray import serve
+
+    api = FastAPI(title="raydistill")
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"] if p != "body")
+        return JSONResponse(error_body(f"invalid request: {where}: {first['msg']}", "invalid_request_error", 400), 400)
+
+    @serve.ingress(api)
+    class Router:
+        def __init__(self, handles: dict[str, Any]):
+            self.handles = handles
+
+        @api.get("/health")
+        async def health(self) -> dict[str, str]:
+            for handle in self.handles.values():
+                await handle.health.remote()
+            return {"status": "ok"}
+
+        @api.get("/v1/models")
+        async def models(self) -> dict[str, Any]:
+            return models_body(sorted(routes))
+
+        @api.post("/v1/chat/completions")
+        async def chat(self, request: Request) -> JSONResponse:
+            try:
+                payload = await request.json()
+            except ValueError:
+                return JSONResponse(error_body("request body is not valid JSON", "invalid_request_error", 400), 400)
+            try:
+                req = ChatCompletionRequest.model_validate(payload)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"]) or "body"
+                return JSONResponse(error_body(f"invalid request: {where}: {first['msg']}", "invalid_request_error", 400), 400)
+            route = routes.get(req.model)
+            if route is None:
+                return JSONResponse(
+                    error_body(f"model {req.model!r} not found; available: {sorted(routes)}", "model_not_found", 404), 404
+                )
+            messages = [m.model_dump() for m in req.messages]
+            prefix = ""
+            if route.inject_prompt:
+                try:
+                    messages = task.teacher_messages(req.last_user_text())
+                except ValueError:
+                    return JSONResponse(error_body("messages hold no user message", "invalid_request_error", 400), 400)
+                prefix = task.assistant_prefix
+            params = {"max_tokens": req.limit(DEFAULT_MAX_TOKENS), "temperature": req.temperature,
+                      "top_p": req.top_p}
+            if req.stop:
+                params["stop"] = req.stop
+            if req.seed is not None:
+                params["seed"] = req.seed
+            try:
+                out = await self.handles[route.engine].generate.remote(messages, prefix, params)
+            except ContextLengthError as exc:
+                return JSONResponse(error_body(str(exc), "context_length_exceeded", 400), 400)
+            except Exception as exc:  # noqa: BLE001 - Ray wraps the replica's exception
+                cause = getattr(exc, "cause", None) or exc.__cause__
+                if isinstance(cause, ContextLengthError) or "ContextLengthError" in repr(exc):
+                    return JSONResponse(error_body(str(cause or exc).splitlines()[-1], "context_length_exceeded", 400), 400)
+                raise
+            body = completion_body(req.model, out["text"], out["finish_reason"], out["prompt_tokens"], out["completion_tokens"])
+            return JSONResponse(body)
+
+    actor_options: dict[str, Any] = {"num_cpus": 1} if serve.accelerator == "cpu" else {"num_gpus": 1}
+    if serve.accelerator == "cpu":
+        actor_options["runtime_env"] = {"env_vars": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+                                                     "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(serve.kv_cache_gib)))}}
+    server = serve.deployment(
+        ModelServer, num_replicas=serve.num_replicas, max_ongoing_requests=serve.max_ongoing_requests,
+        ray_actor_options=actor_options,
+    )
+    handles = {name: server.options(name=f"model-{name}").bind(path, serve.model_dump()) for name, path in model_paths.items()}
+    router = serve.deployment(Router, name="router", max_ongoing_requests=max(100, 4 * serve.max_ongoing_requests),
+                              ray_actor_options={"num_cpus": 0})
+    return router.bind(handles)
+
+
+def start(app: Any, serve_cfg: ServeConfig) -> str:
+    """Run the app on host:port and return its base URL."""
+    from ray import serve
+
+    os.environ.setdefault("RAY_SERVE_HTTP_HOST", serve_cfg.host)
+    serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
+    serve.run(app, name="raydistill", route_prefix="/")
+    url = f"http://{serve_cfg.host}:{serve_cfg.port}"
+    logger.info("serving OpenAI-compatible API at %s/v1 (models: /v1/models)", url)
+    return url

@@ -1,0 +1,55 @@
+"""`raydistill serve`: start the OpenAI-compatible app for the run's student and its teacher.
+
+    ray job submit --working-dir . -- raydistill serve jobs/configs/demo_cpu.yaml
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from raydistill.config import PipelineConfig
+from raydistill.errors import DataError
+from raydistill.models import resolve_model
+from raydistill.runtime import init_ray
+from raydistill.serve.app import build_app, start
+from raydistill.tasks.task import load_task
+
+logger = logging.getLogger(__name__)
+
+
+def student_path(cfg: PipelineConfig) -> Path:
+    return Path(cfg.run_dir).resolve() / "student" / "merged"
+
+
+def start_serving(cfg: PipelineConfig, *, require_student: bool = True) -> str:
+    """Deploy teacher (+ student when trained) and return the base URL once healthy."""
+    task = load_task(cfg.task.name)
+    paths = {"teacher": resolve_model(cfg.teacher.model)}
+    merged = student_path(cfg)
+    if (merged / "config.json").is_file():
+        paths["student"] = str(merged)
+    elif require_student:
+        raise DataError(f"no trained student at {str(merged)!r}; run `raydistill train` first")
+    init_ray(cfg.cluster)
+    started = time.time()
+    url = start(build_app(paths, task, cfg.serve), cfg.serve)
+    logger.info("serve: %s ready in %.1f s", sorted(paths), time.time() - started)
+    return url
+
+
+def shutdown_serving() -> None:
+    from ray import serve
+
+    serve.shutdown()
+
+
+def serve_forever(cfg: PipelineConfig) -> None:
+    url = start_serving(cfg, require_student=False)
+    logger.info("serving at %s/v1 — press Ctrl-C to stop", url)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        shutdown_serving()

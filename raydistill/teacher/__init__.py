@@ -1,0 +1,1 @@
+"""Stage 1: teacher sampling (ray.data.llm + vLLM) into validated Parquet."""

@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import pytest
+
+from raydistill.config import PipelineConfig, apply_overrides, load_config
+from raydistill.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, PipelineConfig)
+    assert cfg.run_dir
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in SHIPPED}
+    assert "demo_cpu.yaml" in names
+    assert any("gpu" in n for n in names)
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = "run_dir: r\nqueries: {train_path: a.jsonl, eval_path: b.jsonl}\n"
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE), ["teacher.temperature=0.7", "train.max_steps=3",
+                                                "train.lora_target_modules=[q_proj]", "serve.enforce_eager=true"])
+    assert cfg.teacher.temperature == 0.7
+    assert cfg.train.max_steps == 3
+    assert cfg.train.lora_target_modules == ["q_proj"]
+    assert cfg.serve.enforce_eager is True
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'teacher.temprature'"):
+        load_config(_write(tmp_path, BASE + "teacher: {temprature: 0.5}\n"))
+
+
+def test_unknown_override_section_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'nosuch'"):
+        load_config(_write(tmp_path, BASE), ["nosuch.x=1"])
+
+
+def test_bad_value_names_key_and_value(tmp_path):
+    with pytest.raises(ConfigError, match=r"bad value for 'train.zero_stage'.*got 5"):
+        load_config(_write(tmp_path, BASE), ["train.zero_stage=5"])
+
+
+def test_missing_required_key(tmp_path):
+    with pytest.raises(ConfigError, match="missing required key 'queries'"):
+        load_config(_write(tmp_path, "run_dir: r\n"))
+
+
+def test_missing_file_and_malformed_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(_write(tmp_path, "run_dir: [unclosed\n"))
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides({}, ["teacher.temperature"])
+
+
+def test_tensor_parallel_needs_gpu(tmp_path):
+    with pytest.raises(ConfigError, match="tensor_parallel_size"):
+        load_config(_write(tmp_path, BASE), ["teacher.tensor_parallel_size=2"])
