@@ -73,7 +73,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     train: dict[str, Any] = loop_config["train"]
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     torch.manual_seed(train["seed"] + rank)
     if not train["use_gpu"]:
         torch.set_num_threads(max(1, int(train["cpus_per_worker"])))

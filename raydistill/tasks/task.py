@@ -46,6 +46,7 @@ class TaskSpec(BaseModel):
     assistant_prefix: str = Field("", description="Text the teacher's answer is forced to start with.")
     labels: dict[str, str] = Field(..., description="label code -> the answer the student learns to say.")
     aliases: dict[str, str] = Field(default_factory=dict, description="extra phrase -> label code (case-insensitive).")
+    fallback_label: str | None = Field(None, description="Label for a non-empty answer naming no known phrase (else rejected).")
 
     @model_validator(mode="after")
     def _check(self) -> TaskSpec:
@@ -53,7 +54,7 @@ class TaskSpec(BaseModel):
             raise ValueError(f"user_template needs exactly one {QUERY_SLOT} slot")
         if QUERY_SLOT in self.system_prompt:
             raise ValueError(f"the system prompt must not contain {QUERY_SLOT}; put the query in user_template")
-        unknown = sorted({v for v in self.aliases.values() if v not in self.labels})
+        unknown = sorted({v for v in [*self.aliases.values(), self.fallback_label] if v and v not in self.labels})
         if unknown:
             raise ValueError(f"aliases map to unknown labels {unknown}; add them to labels")
         return self
@@ -99,6 +100,8 @@ class TaskSpec(BaseModel):
             return ParseResult(label=bare, valid=True, reject_reason=None)
         match = self._phrase_regex.search(lowered)
         if match is None:
+            if self.fallback_label:
+                return ParseResult(label=self.fallback_label, valid=True, reject_reason=None)
             return ParseResult(label=None, valid=False, reject_reason=REJECT_NO_LABEL)
         return ParseResult(label=self._phrase_to_label[match.group(1)], valid=True, reject_reason=None)
 

@@ -35,7 +35,7 @@ def test_parse_rejects(langid, response, reason):
 
 
 def test_labels_are_the_builtin_set(langid):
-    assert list(langid.labels) == "ar de el en es fr hi ru tr ur vi zh ot".split()
+    assert list(langid.labels) == ["ar", "de", "el", "en", "es", "fr", "hi", "ru", "tr", "ur", "vi", "zh", "ot"]
 
 
 def test_teacher_sees_prompt_student_does_not(langid):
@@ -71,3 +71,10 @@ def test_task_validation(tmp_path):
     bad.write_text("name: t\nsystem_prompt_file: missing.txt\nlabels: {a: A}\n")
     with pytest.raises(ConfigError, match="system_prompt_file"):
         load_task(str(bad))
+
+
+def test_fallback_label(langid):
+    lenient = TaskSpec.model_validate({**langid.model_dump(), "fallback_label": "ot"})
+    assert lenient.parse(" gibberish").label == "ot"
+    assert lenient.parse(" French").label == "fr"
+    assert not lenient.parse("").valid
