@@ -7,6 +7,7 @@ what is missing, before any expensive work starts.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -66,3 +67,8 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """Select and cast ``table``'s columns to ``schema`` (extra columns are dropped)."""
     require_columns(table.column_names, schema, "table", "this is a bug in the stage that wrote it")
     return table.select(schema.names).cast(schema)
+
+
+def parquet_files(folder: str | Path) -> list[str]:
+    """The Parquet files of an artifact folder (which also holds manifest.json)."""
+    return sorted(str(p) for p in Path(folder).glob("*.parquet"))

@@ -23,6 +23,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+# FastAPI resolves endpoint annotations by name in this module's globals (we use postponed
+# annotations), so Request and JSONResponse must be imported here, not inside build_app.
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
 from raydistill.config import ServeConfig
 from raydistill.render import render_prompt
 from raydistill.serve.openai_api import (
@@ -107,12 +113,9 @@ def routes_for(has_student: bool) -> dict[str, Route]:
     return routes
 
 
-def build_app(model_paths: dict[str, str], task: TaskSpec, serve: ServeConfig) -> Any:
+def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfig) -> Any:
     """The Serve application: one ModelServer per engine (``teacher``, ``student``) and a router."""
     routes = routes_for("student" in model_paths)
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
     from pydantic import ValidationError
     from ray import serve
 
@@ -182,16 +185,16 @@ def build_app(model_paths: dict[str, str], task: TaskSpec, serve: ServeConfig) -
             body = completion_body(req.model, out["text"], out["finish_reason"], out["prompt_tokens"], out["completion_tokens"])
             return JSONResponse(body)
 
-    actor_options: dict[str, Any] = {"num_cpus": 1} if serve.accelerator == "cpu" else {"num_gpus": 1}
-    if serve.accelerator == "cpu":
+    actor_options: dict[str, Any] = {"num_cpus": 1} if serve_cfg.accelerator == "cpu" else {"num_gpus": 1}
+    if serve_cfg.accelerator == "cpu":
         actor_options["runtime_env"] = {"env_vars": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-                                                     "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(serve.kv_cache_gib)))}}
+                                                     "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(serve_cfg.kv_cache_gib)))}}
     server = serve.deployment(
-        ModelServer, num_replicas=serve.num_replicas, max_ongoing_requests=serve.max_ongoing_requests,
+        ModelServer, num_replicas=serve_cfg.num_replicas, max_ongoing_requests=serve_cfg.max_ongoing_requests,
         ray_actor_options=actor_options,
     )
-    handles = {name: server.options(name=f"model-{name}").bind(path, serve.model_dump()) for name, path in model_paths.items()}
-    router = serve.deployment(Router, name="router", max_ongoing_requests=max(100, 4 * serve.max_ongoing_requests),
+    handles = {name: server.options(name=f"model-{name}").bind(path, serve_cfg.model_dump()) for name, path in model_paths.items()}
+    router = serve.deployment(Router, name="router", max_ongoing_requests=max(100, 4 * serve_cfg.max_ongoing_requests),
                               ray_actor_options={"num_cpus": 0})
     return router.bind(handles)
 

@@ -21,7 +21,7 @@ from raydistill.manifest import write_manifest
 from raydistill.models import resolve_model
 from raydistill.outputs import check_output, staged_output
 from raydistill.runtime import init_ray
-from raydistill.schema import SAMPLES, require_columns
+from raydistill.schema import SAMPLES, parquet_files, require_columns
 from raydistill.student.examples import build_examples_batch
 from raydistill.student.loop import train_loop_per_worker
 from raydistill.tasks.task import load_task
@@ -52,7 +52,7 @@ def check_samples(samples_dir: Path) -> int:
         raise DataError(f"no teacher samples under {str(samples_dir)!r}; run `raydistill generate` first")
     schema = pq.read_schema(next(samples_dir.glob("*.parquet")))
     require_columns(schema.names, SAMPLES, f"samples in {str(samples_dir)!r}", "regenerate them with `raydistill generate`")
-    valid = pq.read_table(samples_dir, columns=["valid"]).column("valid")
+    valid = pq.read_table(parquet_files(samples_dir), columns=["valid"]).column("valid")
     n_valid = int(sum(valid.to_pylist()))
     if n_valid == 0:
         raise DataError(f"samples in {str(samples_dir)!r} hold no valid rows; check the teacher prompt/parser (see the generate manifest)")
@@ -85,14 +85,15 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False) -> Path:
     task = load_task(cfg.task.name)
     model_path = resolve_model(cfg.train.student_model)
     ray = init_ray(cfg.cluster)
+    from ray.data.expressions import col
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     examples = (
-        ray.data.read_parquet(str(samples_dir))
-        .filter(expr="valid")
+        ray.data.read_parquet(parquet_files(samples_dir))
+        .filter(expr=col("valid") == True)  # noqa: E712 - an expression, not a Python comparison
         .map_batches(
             ExampleBuilder,
             fn_constructor_kwargs={"model_path": model_path, "task": task, "target": cfg.train.target,

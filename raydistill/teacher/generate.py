@@ -19,6 +19,7 @@ from raydistill.manifest import write_manifest
 from raydistill.models import resolve_model
 from raydistill.outputs import check_output, staged_output
 from raydistill.runtime import init_ray
+from raydistill.schema import parquet_files
 from raydistill.tasks.task import load_task
 from raydistill.teacher.requests import TeacherRequests, parse_outputs
 
@@ -101,7 +102,7 @@ def generate(cfg: PipelineConfig, *, overwrite: bool = False) -> Path:
     )
     with staged_output(out_dir) as tmp:
         samples.write_parquet(str(tmp), min_rows_per_file=100_000)
-        table = pq.read_table(tmp, columns=["valid", "label", "reject_reason", "num_input_tokens", "num_output_tokens"])
+        table = pq.read_table(parquet_files(tmp), columns=["valid", "label", "reject_reason", "num_input_tokens", "num_output_tokens"])
         if table.num_rows == 0:
             raise DataError(f"no queries read from {cfg.queries.train_path!r}; check the file and queries.text_column")
         summary = summarize(table)

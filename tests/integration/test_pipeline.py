@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from raydistill.schema import EVAL_RESULTS, SAMPLES
+from raydistill.schema import EVAL_RESULTS, SAMPLES, parquet_files
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -62,7 +62,7 @@ def finished_run(tiny_model, tmp_path_factory):
 
 def test_samples_follow_schema_with_one_row_per_query(finished_run):
     run, _, _ = finished_run
-    table = pq.read_table(run / "samples")
+    table = pq.read_table(parquet_files(run / "samples"))
     assert table.schema.names == SAMPLES.names
     ids = table.column("id").to_pylist()
     assert len(ids) == N_TRAIN and len(set(ids)) == N_TRAIN

@@ -1,0 +1,93 @@
+"""Bad input through the real CLI: one-line error naming problem and fix, exit 2, no run dir."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "raydistill", *args], capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+
+
+def config(tmp_path: Path, **overrides) -> Path:
+    data = {"run_dir": str(tmp_path / "run"),
+            "queries": {"train_path": str(tmp_path / "q.jsonl"), "eval_path": str(tmp_path / "q.jsonl")},
+            "teacher": {"model": "builtin:smollm2-135m-instruct"}}
+    for key, value in overrides.items():
+        data[key] = value
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def assert_clean_failure(proc: subprocess.CompletedProcess, tmp_path: Path, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("raydistill: error:")]
+    assert len(error_lines) == 1, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in error_lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_config(tmp_path):
+    proc = run_cli("generate", str(tmp_path / "nope.yaml"))
+    assert_clean_failure(proc, tmp_path, "not found", "pipeline YAML")
+
+
+def test_malformed_config(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run_dir: [oops\n")
+    assert_clean_failure(run_cli("generate", str(bad)), tmp_path, "not valid YAML")
+
+
+def test_unknown_key_and_bad_override(tmp_path):
+    cfg = config(tmp_path, teacher={"modle": "x"})
+    assert_clean_failure(run_cli("generate", str(cfg)), tmp_path, "unknown key 'teacher.modle'")
+    cfg = config(tmp_path)
+    assert_clean_failure(run_cli("train", str(cfg), "train.zero_stage=7"), tmp_path, "train.zero_stage")
+
+
+@pytest.mark.parametrize("content,needle", [(None, "not found"), ("", "empty")])
+def test_missing_or_empty_query_file(tmp_path, content, needle):
+    if content is not None:
+        (tmp_path / "q.jsonl").write_text(content)
+    assert_clean_failure(run_cli("generate", str(config(tmp_path))), tmp_path, needle, "q.jsonl")
+
+
+def test_unknown_model_path(tmp_path):
+    (tmp_path / "q.jsonl").write_text('{"text": "hello"}\n')
+    cfg = config(tmp_path, teacher={"model": str(tmp_path / "no-such-model")})
+    assert_clean_failure(run_cli("generate", str(cfg)), tmp_path, "no-such-model", "config.json")
+    cfg = config(tmp_path, teacher={"model": "not a model id"})
+    assert_clean_failure(run_cli("generate", str(cfg)), tmp_path, "neither an existing folder nor an HF id")
+
+
+def test_train_without_samples(tmp_path):
+    assert_clean_failure(run_cli("train", str(config(tmp_path))), tmp_path, "raydistill generate")
+
+
+def test_help_lists_every_verb():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for verb in ("generate", "train", "serve", "evaluate", "run", "demo"):
+        assert verb in proc.stdout
+    assert "overrides" in run_cli("train", "--help").stdout
+
+
+def test_existing_output_is_refused_and_kept(tmp_path):
+    (tmp_path / "q.jsonl").write_text('{"text": "hello"}\n')
+    samples = tmp_path / "run" / "samples"
+    samples.mkdir(parents=True)
+    (samples / "part.parquet").write_bytes(b"keep me")
+    proc = run_cli("generate", str(config(tmp_path)))
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    assert (samples / "part.parquet").read_bytes() == b"keep me"

@@ -1,0 +1,47 @@
+"""Masking: the loss covers exactly the answer tokens, and the prompt is the served one."""
+
+import numpy as np
+import pytest
+
+from raydistill.render import render_completion, render_prompt
+from raydistill.student.examples import IGNORE_INDEX, build_example, collate
+from raydistill.tasks.task import TaskSpec
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from raydistill.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m-instruct"))
+
+
+def test_loss_mask_covers_exactly_the_answer(tokenizer):
+    ex = build_example(tokenizer, "Hola, ¿qué tal?", "Spanish", max_seq_len=256)
+    prompt = render_prompt(tokenizer, TaskSpec.student_messages("Hola, ¿qué tal?"))
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    labels = np.array(ex["labels"])
+    assert (labels[:n_prompt] == IGNORE_INDEX).all()
+    answer = labels[n_prompt:]
+    assert (answer != IGNORE_INDEX).all()
+    assert tokenizer.decode(answer) == "Spanish<|im_end|>"
+    assert ex["input_ids"][n_prompt:] == list(answer)
+
+
+def test_prompt_is_the_bare_query_with_generation_prompt(tokenizer):
+    prompt = render_prompt(tokenizer, TaskSpec.student_messages("hello"))
+    assert prompt.endswith("<|im_start|>assistant\n") and "hello" in prompt
+    assert render_completion(tokenizer, TaskSpec.student_messages("hello"), "English") == "English<|im_end|>"
+
+
+def test_too_long_is_dropped(tokenizer):
+    assert build_example(tokenizer, "word " * 300, "English", max_seq_len=64) is None
+
+
+def test_collate_pads_right_and_masks():
+    batch = {"input_ids": [np.array([5, 6, 7]), np.array([8])], "labels": [np.array([-100, 6, 7]), np.array([8])]}
+    out = collate(batch, pad_token_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert out["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
