@@ -122,22 +122,20 @@ def generate(cfg: PipelineConfig, *, overwrite: bool = False) -> Path:
 
 def summarize(table: Any) -> dict[str, Any]:
     """Parse rate, label distribution, rejects by reason and token totals of a samples table."""
-    rows = table.to_pylist()
-    n = len(rows)
-    valid = sum(r["valid"] for r in rows)
-    labels: dict[str, int] = {}
-    rejects: dict[str, int] = {}
-    for r in rows:
-        if r["valid"]:
-            labels[r["label"]] = labels.get(r["label"], 0) + 1
-        else:
-            rejects[r["reject_reason"]] = rejects.get(r["reject_reason"], 0) + 1
+    import pyarrow.compute as pc
+
+    def counts(column: Any) -> dict[str, int]:
+        pairs = pc.value_counts(column.drop_null()).to_pylist()
+        return dict(sorted((p["values"], p["counts"]) for p in pairs))
+
+    n = table.num_rows
+    valid = int(pc.sum(table["valid"]).as_py() or 0)
     return {
         "rows": n,
         "valid": valid,
         "parse_rate": round(valid / n, 4) if n else 0.0,
-        "labels": dict(sorted(labels.items())),
-        "rejects": rejects,
-        "input_tokens": sum(r["num_input_tokens"] or 0 for r in rows),
-        "output_tokens": sum(r["num_output_tokens"] or 0 for r in rows),
+        "labels": counts(table["label"]),
+        "rejects": counts(table["reject_reason"]),
+        "input_tokens": int(pc.sum(table["num_input_tokens"]).as_py() or 0),
+        "output_tokens": int(pc.sum(table["num_output_tokens"]).as_py() or 0),
     }

@@ -1,0 +1,60 @@
+"""Teacher request rendering and output parsing (pure functions on rows)."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from raydistill.config import TeacherConfig
+from raydistill.schema import SAMPLES
+from raydistill.tasks.task import REJECT_ENGINE, REJECT_NO_LABEL, load_task
+from raydistill.teacher.generate import summarize
+from raydistill.teacher.requests import build_requests, parse_outputs
+
+
+@pytest.fixture(scope="module")
+def task():
+    return load_task("langid")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from raydistill.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m-instruct"))
+
+
+def test_k_samples_per_query_with_distinct_seeds(task, tokenizer):
+    batch = {"id": np.array(["a", "b"]), "text": np.array(["Hola", "Hallo"]), "gold": np.array(["es", None])}
+    out = build_requests(batch, tokenizer, task, TeacherConfig(samples_per_query=3, temperature=0.8))
+    assert out["id"] == ["a"] * 3 + ["b"] * 3
+    assert out["sample_index"] == [0, 1, 2] * 2
+    assert len({p["seed"] for p in out["sampling_params"][:3]}) == 3
+    prompt = out["prompt"][0]
+    assert task.system_prompt in prompt and "Hola" in prompt and prompt.endswith(task.assistant_prefix)
+    greedy = build_requests(batch, tokenizer, task, TeacherConfig())
+    assert "seed" not in greedy["sampling_params"][0] and len(greedy["id"]) == 2
+
+
+def test_parse_outputs_accounts_rejects(task):
+    batch = {
+        "id": np.array(["1", "2", "3"]), "query": np.array(["q1", "q2", "q3"]), "gold": np.array(["es", "fr", None]),
+        "sample_index": np.array([0, 0, 0]), "generated_text": np.array([" Spanish.", " something", ""]),
+        "num_input_tokens": np.array([50, 51, 0]), "num_generated_tokens": np.array([3, 2, 0]),
+        "__inference_error__": np.array(["", "", "engine died"]),
+    }
+    table = parse_outputs(batch, task=task, teacher_model="m")
+    assert table.schema == SAMPLES
+    rows = table.to_pylist()
+    assert [r["label"] for r in rows] == ["es", None, None]
+    assert [r["reject_reason"] for r in rows] == [None, REJECT_NO_LABEL, REJECT_ENGINE]
+    assert rows[2]["response"] is None and rows[2]["num_input_tokens"] is None
+    assert {r["prompt_sha256"] for r in rows} == {task.prompt_sha256}
+    summary = summarize(table)
+    assert summary["valid"] == 1 and summary["rejects"] == {REJECT_ENGINE: 1, REJECT_NO_LABEL: 1}
+    assert summary["input_tokens"] == 101 and summary["labels"] == {"es": 1}
+
+
+def test_summarize_empty():
+    assert summarize(pa.table({n: pa.array([], type=SAMPLES.field(n).type) for n in SAMPLES.names}))["rows"] == 0
