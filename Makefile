@@ -26,11 +26,11 @@ demo: setup
 	$(NETNS) $(VENV)/bin/raydistill demo --overwrite
 
 test: setup
-	$(VENV)/bin/ruff check raydistill tests bench jobs
+	$(VENV)/bin/ruff check .
 	$(NETNS) $(PY) -m pytest -q tests
 
 lint: setup
-	$(VENV)/bin/ruff check raydistill tests bench jobs
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) runs

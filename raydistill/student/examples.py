@@ -57,3 +57,13 @@ def collate(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, np.nda
         labels[i, : len(lab)] = lab
         attention[i, : len(ids)] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+def bucket_batches(chunk: dict[str, np.ndarray], batch_size: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+    """Length bucketing: sort a chunk of examples by length, cut it into batches (a short tail is
+    dropped so every worker takes the same number of steps), and shuffle the batch order. Rows in
+    a batch then have similar lengths, so padding stops dominating the compute."""
+    order = np.argsort([len(x) for x in chunk["input_ids"]], kind="stable")
+    batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    rng.shuffle(batches)
+    return [{key: chunk[key][idx] for key in ("input_ids", "labels")} for idx in batches]

@@ -14,7 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 logger = logging.getLogger(__name__)
+
+# Batches per length-sorted bucket: larger buckets pad less but mix lengths across steps less.
+BUCKET_BATCHES = 16
 
 
 def deepspeed_config(train: dict[str, Any]) -> dict[str, Any]:
@@ -69,11 +74,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from raydistill.student.examples import collate
+    from raydistill.student.examples import bucket_batches, collate
+    from raydistill.student.loss import answer_only_loss
 
     train: dict[str, Any] = loop_config["train"]
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    if rank == 0:  # worker processes start without the CLI's logging setup
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.manual_seed(train["seed"] + rank)
     if not train["use_gpu"]:
         torch.set_num_threads(max(1, int(train["cpus_per_worker"])))
@@ -96,14 +104,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     losses: list[float] = []
     metrics_path = Path(loop_config["metrics_path"])
     for epoch in range(train["epochs"]):
-        batches = shard.iter_batches(
-            batch_size=train["batch_size_per_worker"], batch_format="numpy", drop_last=True,
-            local_shuffle_buffer_size=256, local_shuffle_seed=train["seed"] + epoch,
+        rng = np.random.default_rng(train["seed"] * 1000 + epoch)
+        chunks = shard.iter_batches(
+            batch_size=train["batch_size_per_worker"] * BUCKET_BATCHES, batch_format="numpy",
+            local_shuffle_buffer_size=4 * train["batch_size_per_worker"] * BUCKET_BATCHES,
+            local_shuffle_seed=train["seed"] + epoch,
         )
-        for batch in batches:
+        for batch in (b for chunk in chunks for b in bucket_batches(chunk, train["batch_size_per_worker"], rng)):
             arrays = collate(batch, pad_id)
             inputs = {k: torch.from_numpy(v).to(engine.device) for k, v in arrays.items()}
-            loss = engine(**inputs).loss
+            loss = answer_only_loss(engine.module, **inputs)
             engine.backward(loss)
             engine.step()
             micro += 1
@@ -124,7 +134,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 losses.clear()
                 ray.train.report(row)
                 if rank == 0:
-                    logger.info("step %d/%d loss %.4f lr %.2e", step, total_steps, row["loss"], row["lr"])
+                    logger.info("step %d/%d loss %.4f lr %.2e %.0f tokens/s/worker", step, total_steps, row["loss"],
+                                row["lr"], row["tokens_per_s_worker"])
                     with metrics_path.open("a") as fh:
                         fh.write(json.dumps(row) + "\n")
             if step >= total_steps:

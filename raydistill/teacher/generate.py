@@ -91,7 +91,7 @@ def generate(cfg: PipelineConfig, *, overwrite: bool = False) -> Path:
         fn_constructor_kwargs={"model_path": model_path, "task": task, "cfg": cfg.teacher},
         concurrency=1,
         num_cpus=0.5,
-        batch_size=256,
+        batch_size=cfg.teacher.batch_size,  # one block per engine batch, so progress moves per batch
     )
     processor = build_processor(processor_config(cfg.teacher, model_path))
     samples = processor(requests).map_batches(

@@ -45,3 +45,15 @@ def test_collate_pads_right_and_masks():
     assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert out["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_bucket_batches_group_similar_lengths_and_drop_tail():
+    from raydistill.student.examples import bucket_batches
+
+    lengths = [5, 1, 9, 3, 7, 2, 8, 4, 6]
+    chunk = {"input_ids": np.array([np.arange(n) for n in lengths], dtype=object),
+             "labels": np.array([np.arange(n) for n in lengths], dtype=object)}
+    batches = bucket_batches(chunk, 4, np.random.default_rng(0))
+    assert len(batches) == 2  # 9 rows -> two full batches, the longest row dropped
+    groups = sorted(sorted(len(x) for x in b["input_ids"]) for b in batches)
+    assert groups == [[1, 2, 3, 4], [5, 6, 7, 8]]
