@@ -189,13 +189,14 @@ def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfi
     if serve_cfg.accelerator == "cpu":
         actor_options["runtime_env"] = {"env_vars": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
                                                      "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(serve_cfg.kv_cache_gib)))}}
+    quiet = {"enable_access_log": False}  # one log line per request would drown the pipeline's output
     server = serve.deployment(
         ModelServer, num_replicas=serve_cfg.num_replicas, max_ongoing_requests=serve_cfg.max_ongoing_requests,
-        ray_actor_options=actor_options,
+        ray_actor_options=actor_options, logging_config=quiet,
     )
     handles = {name: server.options(name=f"model-{name}").bind(path, serve_cfg.model_dump()) for name, path in model_paths.items()}
     router = serve.deployment(Router, name="router", max_ongoing_requests=max(100, 4 * serve_cfg.max_ongoing_requests),
-                              ray_actor_options={"num_cpus": 0})
+                              ray_actor_options={"num_cpus": 0}, logging_config=quiet)
     return router.bind(handles)
 
 
