@@ -108,3 +108,64 @@ def test_eval_results_report_and_table(finished_run):
     report = (run / "eval" / "report.md").read_text()
     assert "student (no prompt)" in report and (run / "eval" / "confusion.png").stat().st_size > 0
     assert "Student–teacher agreement" in proc.stdout and "wall time per stage" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def served(finished_run):
+    """`raydistill serve` on the finished run, as a user starts it; stopped with Ctrl-C (SIGINT)."""
+    import signal
+    import time
+
+    import requests
+
+    run, _, _ = finished_run
+    config = run.parent / "config.yaml"
+    port = yaml.safe_load(config.read_text())["serve"]["port"]
+    proc = subprocess.Popen([sys.executable, "-m", "raydistill", "serve", str(config)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    try:
+        while True:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            try:
+                if requests.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.time() < deadline, "serve did not become healthy"
+            time.sleep(3)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_serve_openai_api_and_bad_requests(served):
+    import requests
+
+    chat = served + "/v1/chat/completions"
+    models = requests.get(served + "/v1/models", timeout=30).json()
+    assert {m["id"] for m in models["data"]} == {"student", "teacher", "base"}
+    ok = requests.post(chat, json={"model": "student", "messages": [{"role": "user", "content": "Hallo Welt"}],
+                                   "max_tokens": 3}, timeout=120)
+    assert ok.status_code == 200
+    body = ok.json()
+    assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] >= 1
+    bad = [
+        (requests.post(chat, data="{not json", headers={"content-type": "application/json"}, timeout=30), 400),
+        (requests.post(chat, json={"model": "student"}, timeout=30), 400),
+        (requests.post(chat, json={"model": "nope", "messages": [{"role": "user", "content": "x"}]}, timeout=30), 404),
+        (requests.post(chat, json={"model": "student", "messages": [{"role": "user", "content": "word " * 3000}]},
+                       timeout=60), 400),
+    ]
+    for resp, code in bad:
+        assert resp.status_code == code, resp.text
+        assert "error" in resp.json() and resp.json()["error"]["message"]
+    again = requests.post(chat, json={"model": "teacher", "messages": [{"role": "user", "content": "Bonjour"}],
+                                      "max_tokens": 2}, timeout=120)
+    assert again.status_code == 200  # still serving after the bad requests
+    assert again.json()["usage"]["prompt_tokens"] > body["usage"]["prompt_tokens"]  # prompt injected server-side
