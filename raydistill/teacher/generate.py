@@ -75,7 +75,7 @@ def generate(cfg: PipelineConfig, *, overwrite: bool = False) -> Path:
     task = load_task(cfg.task.name)
     model_path = resolve_model(cfg.teacher.model)
     resolve_local_files(cfg.queries.train_path)  # fail on a missing/empty file before starting Ray
-    ray = init_ray(cfg.cluster)
+    init_ray(cfg.cluster)
     queries = read_queries(
         cfg.queries.train_path,
         text_column=cfg.queries.text_column,
@@ -91,7 +91,7 @@ def generate(cfg: PipelineConfig, *, overwrite: bool = False) -> Path:
         fn_constructor_kwargs={"model_path": model_path, "task": task, "cfg": cfg.teacher},
         concurrency=1,
         num_cpus=0.5,
-        batch_size=cfg.teacher.batch_size,  # one block per engine batch, so progress moves per batch
+        batch_size=cfg.teacher.batch_size,  # one block per engine batch
     )
     processor = build_processor(processor_config(cfg.teacher, model_path))
     samples = processor(requests).map_batches(
@@ -115,7 +115,6 @@ def generate(cfg: PipelineConfig, *, overwrite: bool = False) -> Path:
             started=started,
             extra={"prompt_sha256": task.prompt_sha256},
         )
-    del ray
     logger.info("generate: %s", summary)
     return out_dir
 
