@@ -131,7 +131,7 @@ def served(finished_run):
             try:
                 if requests.get(url + "/health", timeout=5).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not up yet, or replicas still starting
                 pass
             assert time.time() < deadline, "serve did not become healthy"
             time.sleep(3)
