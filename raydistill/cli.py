@@ -9,8 +9,12 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from raydistill.errors import RaydistillError
+
+if TYPE_CHECKING:
+    from raydistill.config import PipelineConfig
 
 EXIT_USAGE = 2
 
@@ -47,16 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _dispatch(args: argparse.Namespace) -> None:
+def _load(args: argparse.Namespace) -> PipelineConfig:
     from raydistill.config import load_config
 
     if args.verb == "demo":
         from raydistill.pipeline import DEMO_CONFIG
 
-        config_path = str(DEMO_CONFIG)
-    else:
-        config_path = args.config
-    cfg = load_config(config_path, args.overrides)
+        return load_config(DEMO_CONFIG, args.overrides)
+    return load_config(args.config, args.overrides)
+
+
+def _dispatch(args: argparse.Namespace, cfg: PipelineConfig) -> None:
     if args.verb == "generate":
         from raydistill.teacher.generate import generate
 
@@ -87,26 +92,17 @@ def _dispatch(args: argparse.Namespace) -> None:
         run_pipeline(cfg, overwrite=args.overwrite, resume=args.resume)
 
 
-def _run_dir_of(args: argparse.Namespace) -> Path | None:
-    """Best effort: the run_dir this invocation may create (to remove it if we fail empty)."""
-    try:
-        from raydistill.config import load_config
-        from raydistill.pipeline import DEMO_CONFIG
-
-        path = str(DEMO_CONFIG) if args.verb == "demo" else args.config
-        return Path(load_config(path, args.overrides).run_dir)
-    except Exception:  # noqa: BLE001 - the real error is reported by _dispatch
-        return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("RAYDISTILL_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    run_dir = _run_dir_of(args)
-    existed = run_dir is not None and run_dir.exists()
+    run_dir: Path | None = None
+    existed = False
     try:
-        _dispatch(args)
+        cfg = _load(args)
+        run_dir = Path(cfg.run_dir)
+        existed = run_dir.exists()
+        _dispatch(args, cfg)
     except RaydistillError as exc:
         _remove_if_empty(run_dir, existed)
         print(f"raydistill: error: {exc}", file=sys.stderr)  # noqa: T201

@@ -18,7 +18,6 @@ one engine per replica; the router only parses, validates and dispatches.
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -204,7 +203,6 @@ def start(app: Any, serve_cfg: ServeConfig) -> str:
     """Run the app on host:port and return its base URL."""
     from ray import serve
 
-    os.environ.setdefault("RAY_SERVE_HTTP_HOST", serve_cfg.host)
     serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
     serve.run(app, name="raydistill", route_prefix="/")
     url = f"http://{serve_cfg.host}:{serve_cfg.port}"
