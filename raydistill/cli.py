@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
         if verb in ("generate", "train", "evaluate", "run", "demo"):
             p.add_argument("--overwrite", action="store_true", help="replace this stage's existing output")
-        if verb in ("run", "demo"):
-            p.add_argument("--resume", action="store_true", help="skip stages whose output is complete")
+        if verb in ("generate", "run", "demo"):
+            p.add_argument("--resume", action="store_true",
+                           help="finish an interrupted run: skip complete stages, sample only what is missing")
         if verb == "evaluate":
             p.add_argument("--url", help="base URL of a running `raydistill serve` app; default: start one")
     return parser
@@ -65,7 +66,7 @@ def _dispatch(args: argparse.Namespace, cfg: PipelineConfig) -> None:
     if args.verb == "generate":
         from raydistill.teacher.generate import generate
 
-        generate(cfg, overwrite=args.overwrite)
+        generate(cfg, overwrite=args.overwrite, resume=args.resume)
     elif args.verb == "train":
         from raydistill.student.train import train
 
@@ -110,17 +111,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("raydistill: interrupted", file=sys.stderr)  # noqa: T201
         return 130
-    except BaseException:
-        _remove_if_empty(run_dir, existed)
-        raise
     return 0
 
 
 def _remove_if_empty(run_dir: Path | None, existed: bool) -> None:
-    """A run that failed leaves nothing behind: drop a run_dir we created that holds no artifact."""
+    """A run refused for bad input leaves nothing behind: drop a run_dir we created that holds
+    no artifact. (Other failures keep it: it may hold a partial output for --resume.)"""
     if run_dir is None or existed or not run_dir.is_dir():
         return
-    if not any(p.name == "manifest.json" for p in run_dir.rglob("manifest.json")):
+    if not any(p.name == "_manifest.json" for p in run_dir.rglob("_manifest.json")):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

@@ -28,13 +28,14 @@ class TaskConfig(_Section):
 
 
 class QueriesConfig(_Section):
-    """Where queries come from. Paths are local files/dirs/globs or ``builtin:<dataset>``."""
+    """Where queries come from: a file, directory, glob or pyarrow-filesystem URI (s3://, gs://, file://), or ``builtin:<dataset>``."""
 
     train_path: str = Field(..., description="Queries the teacher labels and the student learns from.")
     eval_path: str = Field(..., description="Held-out queries sent as evaluation traffic.")
     text_column: str = Field("text", description="Column holding the query text.")
     id_column: str | None = Field("id", description="Column with a stable id; hashed from text if absent.")
     gold_column: str | None = Field("gold", description="Column with the reference label, if any.")
+    dedup: bool = Field(False, description="Drop repeated query ids (a hash shuffle; ids are text hashes unless given).")
 
 
 class TeacherConfig(_Section):
@@ -45,18 +46,36 @@ class TeacherConfig(_Section):
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(16, ge=1)
+    stop: list[str] = Field(default_factory=list, description="Stop strings (not included in the response).")
     samples_per_query: int = Field(1, ge=1, description="k rows per query, each with its own seed.")
+    logprobs: int = Field(0, ge=0, le=20, description="Store the top-k logprobs of every generated token (0: off).")
     seed: int = 0
     batch_size: int = Field(64, ge=1, description="Rows per vLLM engine batch.")
-    concurrency: int = Field(1, ge=1, description="Number of vLLM engine actors.")
+    concurrency: int | tuple[int, int] = Field(1, description="Engine actors: n (fixed pool) or [min, max] (autoscaling).")
     tensor_parallel_size: int = Field(1, ge=1)
     accelerator: Literal["cpu", "gpu"] = "cpu"
+    accelerator_type: str | None = Field(None, description="Ray accelerator type for GPU engines, e.g. H100 or L4.")
     max_model_len: int = Field(2048, ge=64)
+    max_num_batched_tokens: int | None = Field(None, ge=64, description="vLLM scheduler token budget per step.")
     enable_prefix_caching: bool = True
     block_size: int | None = Field(32, description="KV block size; small blocks let short prompts hit the prefix cache on CPU.")
     kv_cache_gib: float = Field(1.0, gt=0.0, description="KV cache size on CPU (ignored on GPU).")
     enforce_eager: bool = Field(False, description="Skip torch.compile / CUDA graphs: faster start, slower decode.")
+    rows_per_file: int = Field(10_000, ge=1, description="Rows per Parquet file; also the unit of work a crash can lose.")
     max_rows: int | None = Field(None, ge=1, description="Label at most this many queries (smoke runs).")
+
+    @model_validator(mode="after")
+    def _check_pool(self) -> TeacherConfig:
+        lo, hi = self.pool_size
+        if not 1 <= lo <= hi:
+            raise ValueError(f"teacher.concurrency must be n >= 1 or [min, max] with 1 <= min <= max (got {self.concurrency})")
+        return self
+
+    @property
+    def pool_size(self) -> tuple[int, int]:
+        """(min, max) engine actors."""
+        c = self.concurrency
+        return (c, c) if isinstance(c, int) else (int(c[0]), int(c[1]))
 
 
 class TrainConfig(_Section):

@@ -1,4 +1,9 @@
-"""Every artifact describes itself: manifest.json with config, versions, inputs, counts, timings."""
+"""Every artifact describes itself: _manifest.json with config, versions, inputs, counts, timings.
+
+The leading underscore follows the Hadoop/Spark/pyarrow convention for metadata beside data
+(``_SUCCESS``, ``_metadata``): readers skip it, so ``pandas.read_parquet(<run>/samples)``
+reads the artifact folder as one dataset.
+"""
 
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ def git_revision() -> str | None:
 
 def write_manifest(folder: str | Path, *, stage: str, config: dict[str, Any], inputs: dict[str, str],
                    counts: dict[str, Any], started: float, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``folder/manifest.json`` atomically and return its path."""
+    """Write ``folder/_manifest.json`` atomically and return its path."""
     folder = Path(folder)
     manifest = {
         "stage": stage,
@@ -59,9 +64,9 @@ def write_manifest(folder: str | Path, *, stage: str, config: dict[str, Any], in
     }
     tmp = folder / f".manifest.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, folder / "manifest.json")
-    return folder / "manifest.json"
+    os.replace(tmp, folder / "_manifest.json")
+    return folder / "_manifest.json"
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    return json.loads((Path(folder) / "manifest.json").read_text())
+    return json.loads((Path(folder) / "_manifest.json").read_text())

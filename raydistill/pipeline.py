@@ -23,7 +23,7 @@ DEMO_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo_cpu.yaml"
 
 
 def _done(folder: Path) -> bool:
-    return (folder / "manifest.json").is_file()
+    return (folder / "_manifest.json").is_file()
 
 
 def run_pipeline(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def run_pipeline(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool =
         times[name] = time.time() - t
         logger.info("=== %s done in %.1f s ===", name, times[name])
 
-    stage("generate", run_dir / "samples", lambda: generate(cfg, overwrite=overwrite or resume))
+    stage("generate", run_dir / "samples", lambda: generate(cfg, overwrite=overwrite, resume=resume))
     stage("train", run_dir / "student", lambda: train(cfg, overwrite=overwrite or resume))
     t = time.time()
     url = start_serving(cfg)

@@ -36,6 +36,13 @@ SAMPLES = pa.schema(
         pa.field("reject_reason", pa.string()),
         pa.field("num_input_tokens", pa.int32()),
         pa.field("num_output_tokens", pa.int32()),
+        # With teacher.logprobs = k > 0 (null otherwise), per generated token: its id, its
+        # logprob, and the teacher's top-k alternatives (ids and logprobs, best first). Plain
+        # numeric lists, so any Parquet reader (pandas, polars, DuckDB) reads them.
+        pa.field("token_ids", pa.list_(pa.int32())),
+        pa.field("token_logprobs", pa.list_(pa.float32())),
+        pa.field("top_token_ids", pa.list_(pa.list_(pa.int32()))),
+        pa.field("top_logprobs", pa.list_(pa.list_(pa.float32()))),
     ]
 )
 
@@ -70,5 +77,5 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def parquet_files(folder: str | Path) -> list[str]:
-    """The Parquet files of an artifact folder (which also holds manifest.json)."""
+    """The Parquet files of an artifact folder (which also holds _manifest.json)."""
     return sorted(str(p) for p in Path(folder).glob("*.parquet"))

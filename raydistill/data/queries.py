@@ -1,4 +1,4 @@
-"""Reading queries: any of jsonl / json / parquet / csv / txt, as a Ray Dataset (never on the driver).
+"""Reading queries: jsonl / json / parquet / csv / txt from any source, as a Ray Dataset (never on the driver).
 
 The pure part, ``normalize_batch``, maps a user's columns to the QUERIES schema and gives every
 row a stable id (the given one, or a hash of the text).
@@ -6,22 +6,20 @@ row a stable id (the given one, or a hash of the text).
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import os
-from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from raydistill.config import QueriesConfig
+from raydistill.data.sources import Source
 from raydistill.errors import DataError
 from raydistill.schema import QUERIES
 
 if TYPE_CHECKING:
     import ray.data
 
-BUILTIN_PREFIX = "builtin:"
-_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
 def text_id(text: str) -> str:
@@ -59,52 +57,35 @@ def normalize_batch(
     )
 
 
-def resolve_local_files(path: str) -> list[str]:
-    """Expand a local file, directory or glob to the files it names; errors say what to fix."""
-    if path.startswith(BUILTIN_PREFIX):
-        from raydistill.data.builtin import builtin_queries_path
-
-        path = builtin_queries_path(path[len(BUILTIN_PREFIX) :])
-    if any(ch in path for ch in "*?["):
-        files = sorted(glob.glob(path))
-    elif os.path.isdir(path):
-        files = sorted(str(p) for p in Path(path).rglob("*") if p.is_file() and p.suffix in _FORMATS)
-    elif os.path.isfile(path):
-        files = [path]
-    else:
-        raise DataError(f"query file {path!r} not found; check queries.train_path / queries.eval_path")
-    if not files:
-        raise DataError(f"no query files (.jsonl .json .parquet .csv .txt) under {path!r}; point the path at your queries")
-    formats = {_FORMATS.get(Path(f).suffix) for f in files}
-    if None in formats:
-        bad = next(f for f in files if Path(f).suffix not in _FORMATS)
-        raise DataError(f"query file {bad!r} has an unknown extension; use .jsonl, .json, .parquet, .csv or .txt")
-    if len(formats) > 1:
-        raise DataError(f"query path {path!r} mixes formats {sorted(formats)}; keep one format per path")
-    if all(os.path.getsize(f) == 0 for f in files):
-        raise DataError(f"query file(s) under {path!r} are empty; add one query per row/line")
-    return files
-
-
-def read_queries(
-    path: str, *, text_column: str = "text", id_column: str | None = "id", gold_column: str | None = "gold"
-) -> ray.data.Dataset:
-    """A lazy Ray Dataset of queries in the QUERIES schema."""
+def read_queries(source: Source, cfg: QueriesConfig) -> ray.data.Dataset:
+    """A lazy Ray Dataset of queries in the QUERIES schema (optionally de-duplicated by id)."""
     import ray.data
 
-    files = resolve_local_files(path)
-    fmt = _FORMATS[Path(files[0]).suffix]
-    readers: dict[str, Any] = {
-        "json": lambda: ray.data.read_json(files, lines=True) if files[0].endswith(".jsonl") else ray.data.read_json(files),
-        "parquet": lambda: ray.data.read_parquet(files),
-        "csv": lambda: ray.data.read_csv(files),
-        "text": lambda: ray.data.read_text(files, drop_empty_lines=True),
+    kwargs: dict[str, Any] = {"filesystem": source.filesystem}
+    files = list(source.files)
+    readers: dict[str, Callable[[], ray.data.Dataset]] = {
+        # pyarrow's JSON reader (lines=False) reads JSON Lines and takes a filesystem.
+        "jsonl": lambda: ray.data.read_json(files, **kwargs),
+        "json": lambda: ray.data.read_json(files, **kwargs),
+        "parquet": lambda: ray.data.read_parquet(files, **kwargs),
+        "csv": lambda: ray.data.read_csv(files, **kwargs),
+        "text": lambda: ray.data.read_text(files, drop_empty_lines=True, **kwargs),
     }
-    ds = readers[fmt]()
-    if fmt == "text":
+    ds = readers[source.format]()
+    text_column, id_column, gold_column = cfg.text_column, cfg.id_column, cfg.gold_column
+    if source.format == "text":
         text_column, id_column, gold_column = "text", None, None
-    return ds.map_batches(
+    ds = ds.map_batches(
         normalize_batch,
         batch_format="pyarrow",
-        fn_kwargs={"text_column": text_column, "id_column": id_column, "gold_column": gold_column, "source": path},
+        fn_kwargs={"text_column": text_column, "id_column": id_column, "gold_column": gold_column, "source": source.uri},
     )
+    if cfg.dedup:
+        # A hash shuffle by id: the one all-to-all step of generate, so it is opt-in.
+        ds = ds.groupby("id").map_groups(first_of_group, batch_format="pyarrow")
+    return ds
+
+
+def first_of_group(group: pa.Table) -> pa.Table:
+    """Keep the first row of a group of rows that share one id."""
+    return group.slice(0, 1)

@@ -2,7 +2,7 @@
 
     ray job submit --working-dir . -- raydistill evaluate jobs/configs/demo_cpu.yaml --url http://127.0.0.1:8000
 
-Writes ``<run_dir>/eval/{results.parquet, report.md, confusion.png, manifest.json}``.
+Writes ``<run_dir>/eval/{results.parquet, report.md, confusion.png, _manifest.json}``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from raydistill.config import PipelineConfig
-from raydistill.data.queries import read_queries, resolve_local_files
+from raydistill.data.queries import read_queries
+from raydistill.data.sources import check_columns, resolve_source
 from raydistill.errors import DataError
 from raydistill.evaluate.client import ChatClient, expand_systems
 from raydistill.evaluate.metrics import agreement, confusion, system_metrics
@@ -33,10 +34,12 @@ def evaluate(cfg: PipelineConfig, base_url: str, *, overwrite: bool = False,
     started = time.time()
     out_dir = check_output(Path(cfg.run_dir) / "eval", overwrite=overwrite, what="eval directory")
     task = load_task(cfg.task.name)
-    resolve_local_files(cfg.queries.eval_path)
+    source = resolve_source(cfg.queries.eval_path)
+    check_columns(source, cfg.queries.text_column)
+    import ray.data
+
     init_ray(cfg.cluster)
-    queries = read_queries(cfg.queries.eval_path, text_column=cfg.queries.text_column,
-                           id_column=cfg.queries.id_column, gold_column=cfg.queries.gold_column)
+    queries = read_queries(source, cfg.queries)
     if cfg.eval.max_rows:
         queries = queries.limit(cfg.eval.max_rows)
     traffic = queries.map_batches(expand_systems, fn_kwargs={"systems": list(cfg.eval.systems)}, batch_format="numpy")
@@ -46,7 +49,7 @@ def evaluate(cfg: PipelineConfig, base_url: str, *, overwrite: bool = False,
                                "concurrency": cfg.eval.concurrency, "timeout_s": cfg.eval.request_timeout_s},
         batch_size=cfg.eval.concurrency * 4,
         batch_format="numpy",
-        concurrency=1,
+        compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=0.25,
     )
     with staged_output(out_dir) as tmp:

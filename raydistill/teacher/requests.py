@@ -15,31 +15,62 @@ from raydistill.tasks.task import REJECT_ENGINE, TaskSpec
 
 def sampling_params(cfg: TeacherConfig, sample_index: int) -> dict[str, Any]:
     params: dict[str, Any] = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
-    if cfg.temperature > 0 and cfg.samples_per_query > 1:
-        # distinct seeds make the k samples of one query differ reproducibly
+    if cfg.stop:
+        params["stop"] = list(cfg.stop)
+    if cfg.logprobs:
+        params["logprobs"] = cfg.logprobs
+    if cfg.temperature > 0 and cfg.samples_per_query > 1:  # keep in sync with generate.seeded
+        # distinct seeds make the k samples of one query differ, reproducibly
         params["seed"] = cfg.seed * 1_000_003 + sample_index
     return params
 
 
 class TeacherRequests:
-    """Ray Data UDF: render the target prompt around each query with the teacher's chat template."""
+    """Ray Data UDF: render the target prompt around each query with the teacher's chat template.
 
-    def __init__(self, model_path: str, task: TaskSpec, cfg: TeacherConfig):
+    ``done_ref`` (resume) is an object ref to the sorted keys of samples already written;
+    those are not requested again.
+    """
+
+    def __init__(self, model_path: str, task: TaskSpec, cfg: TeacherConfig, done_ref: Any = None):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.task = task
         self.cfg = cfg
+        self.done = None
+        if done_ref is not None:
+            import ray
+
+            self.done = ray.get(done_ref[0])  # wrapped in a list so Ray passes the ref, not the value
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        return build_requests(batch, self.tokenizer, self.task, self.cfg)
+        return build_requests(batch, self.tokenizer, self.task, self.cfg, done=self.done)
 
 
-def build_requests(batch: dict[str, np.ndarray], tokenizer: Any, task: TaskSpec, cfg: TeacherConfig) -> dict[str, Any]:
+def sample_key(query_id: str, sample_index: int) -> str:
+    """The exactly-once unit of generate: one sample of one query."""
+    return f"{query_id}\t{sample_index}"
+
+
+def is_done(key: str, done: np.ndarray | None) -> bool:
+    """Membership in a sorted array of keys (binary search: millions of keys stay compact)."""
+    if done is None or len(done) == 0:
+        return False
+    i = int(np.searchsorted(done, key))
+    return i < len(done) and done[i] == key
+
+
+def build_requests(
+    batch: dict[str, np.ndarray], tokenizer: Any, task: TaskSpec, cfg: TeacherConfig, done: np.ndarray | None = None
+) -> dict[str, Any]:
     out: dict[str, list[Any]] = {k: [] for k in ("id", "query", "gold", "sample_index", "prompt", "sampling_params")}
     for qid, text, gold in zip(batch["id"], batch["text"], batch["gold"]):
+        todo = [k for k in range(cfg.samples_per_query) if not is_done(sample_key(str(qid), k), done)]
+        if not todo:
+            continue
         prompt = render_prompt(tokenizer, task.teacher_messages(str(text)), task.assistant_prefix)
-        for k in range(cfg.samples_per_query):
+        for k in todo:
             out["id"].append(str(qid))
             out["query"].append(str(text))
             out["gold"].append(None if gold is None else str(gold))
@@ -49,7 +80,7 @@ def build_requests(batch: dict[str, np.ndarray], tokenizer: Any, task: TaskSpec,
     return out
 
 
-def parse_outputs(batch: dict[str, np.ndarray], *, task: TaskSpec, teacher_model: str) -> pa.Table:
+def parse_outputs(batch: dict[str, np.ndarray], *, task: TaskSpec, teacher_model: str, top_k: int = 0) -> pa.Table:
     """Engine output rows → SAMPLES table: parse each response; engine errors become rejects."""
     n = len(batch["id"])
     errors = batch.get("__inference_error__", np.array([""] * n, dtype=object))
@@ -74,7 +105,33 @@ def parse_outputs(batch: dict[str, np.ndarray], *, task: TaskSpec, teacher_model
         cols["reject_reason"].append(reason)
         cols["num_input_tokens"].append(_int_or_none(batch, "num_input_tokens", i, error))
         cols["num_output_tokens"].append(_int_or_none(batch, "num_generated_tokens", i, error))
+        logprobs = None if error or "logprobs" not in batch else batch["logprobs"][i]
+        flat = flatten_logprobs(batch["generated_tokens"][i], logprobs, top_k) if logprobs is not None else None
+        for name, value in zip(LOGPROB_COLUMNS, flat or (None,) * len(LOGPROB_COLUMNS)):
+            cols[name].append(value)
     return pa.table(cols, schema=SAMPLES)
+
+
+LOGPROB_COLUMNS = ("token_ids", "token_logprobs", "top_token_ids", "top_logprobs")
+
+
+def flatten_logprobs(token_ids: Any, logprobs: Any, top_k: int) -> tuple[list, list, list, list]:
+    """vLLM's per-token ``{token_id: {logprob, rank, ...}}`` dicts → four plain numeric lists.
+
+    vLLM returns the top-k alternatives plus the sampled token (which may rank below k), so
+    the sampled token's logprob is read by id and the alternatives are those of rank ≤ k.
+    """
+    ids = [int(t) for t in token_ids]
+    own: list[float] = []
+    top_ids: list[list[int]] = []
+    top_lps: list[list[float]] = []
+    for token, entry in zip(ids, logprobs):
+        table = {int(t): v for t, v in entry.items()}
+        own.append(float(table[token]["logprob"]))
+        ranked = sorted((v["rank"], t, v["logprob"]) for t, v in table.items() if v.get("rank") is not None and v["rank"] <= top_k)
+        top_ids.append([t for _, t, _ in ranked])
+        top_lps.append([float(lp) for _, _, lp in ranked])
+    return ids, own, top_ids, top_lps
 
 
 def _int_or_none(batch: dict[str, np.ndarray], key: str, i: int, error: str) -> int | None:

@@ -28,13 +28,18 @@ def config(tmp_path: Path, **overrides) -> Path:
     return path
 
 
-def assert_clean_failure(proc: subprocess.CompletedProcess, tmp_path: Path, *needles: str) -> None:
+def assert_clean_failure(proc: subprocess.CompletedProcess, tmp_path: Path, *needles: str, ray_logs: bool = False) -> None:
+    """``ray_logs``: the error surfaced inside Ray, whose own log lines (with the worker's
+    traceback) precede ours; then our one-line error must be the last line."""
     assert proc.returncode == 2, proc.stderr[-2000:]
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("raydistill: error:")]
     assert len(error_lines) == 1, proc.stderr[-2000:]
     for needle in needles:
         assert needle in error_lines[0]
-    assert "Traceback" not in proc.stderr
+    if ray_logs:
+        assert proc.stderr.strip().splitlines()[-1] == error_lines[0]
+    else:
+        assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -91,3 +96,35 @@ def test_existing_output_is_refused_and_kept(tmp_path):
     proc = run_cli("generate", str(config(tmp_path)))
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
     assert (samples / "part.parquet").read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize(
+    "name,content,needles",
+    [
+        ("q.csv", b"prompt,lang\nhello,en\n", ["no column 'text'", "queries.text_column"]),
+        ("q.jsonl", b'{"text": "caf\xe9"}\n', ["not UTF-8", "re-encode"]),
+        ("q.jsonl", b"not json\n", ["not JSON"]),
+    ],
+)
+def test_bad_query_sources_fail_before_ray(tmp_path, name, content, needles):
+    (tmp_path / name).write_bytes(content)
+    cfg = config(tmp_path, queries={"train_path": str(tmp_path / name), "eval_path": str(tmp_path / name)})
+    assert_clean_failure(run_cli("generate", str(cfg)), tmp_path, *needles)
+
+
+def test_undecodable_bytes_deep_in_a_file(tmp_path, tiny_model):
+    # Line 1 is fine, so this is caught in the Ray read, after the engines were asked for.
+    (tmp_path / "q.txt").write_bytes(b"hello there\nbonjour\n" + b"caf\xe9 au lait\n" * 3)
+    cfg = config(tmp_path, queries={"train_path": str(tmp_path / "q.txt"), "eval_path": str(tmp_path / "q.txt")},
+                 teacher={"model": tiny_model, "dtype": "float32", "enforce_eager": True})
+    assert_clean_failure(run_cli("generate", str(cfg)), tmp_path, "not UTF-8", "q.txt", "re-encode", ray_logs=True)
+
+
+def test_interrupted_output_needs_resume_or_overwrite(tmp_path):
+    (tmp_path / "q.jsonl").write_text('{"text": "hello"}\n')
+    partial = tmp_path / "run" / ".samples.partial"
+    partial.mkdir(parents=True)
+    (partial / "part.parquet").write_bytes(b"half")
+    proc = run_cli("generate", str(config(tmp_path)))
+    assert proc.returncode == 2 and "--resume" in proc.stderr and "interrupted" in proc.stderr
+    assert (partial / "part.parquet").read_bytes() == b"half"

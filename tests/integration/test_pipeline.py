@@ -67,7 +67,7 @@ def test_samples_follow_schema_with_one_row_per_query(finished_run):
     ids = table.column("id").to_pylist()
     assert len(ids) == N_TRAIN and len(set(ids)) == N_TRAIN
     assert all(n and n > 0 for n in table.column("num_input_tokens").to_pylist())
-    manifest = json.loads((run / "samples" / "manifest.json").read_text())
+    manifest = json.loads((run / "samples" / "_manifest.json").read_text())
     assert manifest["counts"]["rows"] == N_TRAIN
     assert manifest["counts"]["valid"] == sum(table.column("valid").to_pylist())
 
@@ -79,7 +79,7 @@ def test_student_exports_load_and_lora_changed_only_adapted_weights(finished_run
 
     run, _, base_path = finished_run
     student = run / "student"
-    manifest = json.loads((student / "manifest.json").read_text())
+    manifest = json.loads((student / "_manifest.json").read_text())
     assert manifest["counts"]["steps"] == 4
     assert len((student / "metrics.jsonl").read_text().splitlines()) == 4
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)

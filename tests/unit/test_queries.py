@@ -1,10 +1,12 @@
 import json
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from raydistill.data.builtin import LABEL_LANGUAGES, build_langid_demo
-from raydistill.data.queries import normalize_batch, resolve_local_files, text_id
+from raydistill.data.queries import normalize_batch, text_id
+from raydistill.data.sources import check_columns, explain_read_failure, resolve_source
 from raydistill.errors import DataError
 
 
@@ -29,24 +31,63 @@ def test_normalize_names_missing_text_column():
 
 def test_resolve_errors(tmp_path):
     with pytest.raises(DataError, match="not found"):
-        resolve_local_files(str(tmp_path / "missing.jsonl"))
+        resolve_source(str(tmp_path / "missing.jsonl"))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(DataError, match="empty"):
-        resolve_local_files(str(empty))
+    with pytest.raises(DataError, match="is empty"):
+        resolve_source(str(empty))
     odd = tmp_path / "q.xml"
     odd.write_text("<q/>")
     with pytest.raises(DataError, match="unknown extension"):
-        resolve_local_files(str(odd))
+        resolve_source(str(odd))
     with pytest.raises(DataError, match="no query files"):
-        resolve_local_files(str(tmp_path / "*.parquet"))
+        resolve_source(str(tmp_path / "*.parquet"))
+    with pytest.raises(DataError, match="cannot open query source"):
+        resolve_source("nosuchscheme://bucket/q.jsonl")
 
 
-def test_resolve_dir_and_glob(tmp_path):
-    for name in ("a.jsonl", "b.jsonl"):
+def test_resolve_dir_glob_and_uri(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("a.jsonl", "b.jsonl", "sub/c.jsonl"):
         (tmp_path / name).write_text(json.dumps({"text": name}) + "\n")
-    assert len(resolve_local_files(str(tmp_path))) == 2
-    assert len(resolve_local_files(str(tmp_path / "a*.jsonl"))) == 1
+    (tmp_path / "_SUCCESS").write_text("")
+    assert len(resolve_source(str(tmp_path)).files) == 3  # recursive, markers skipped
+    assert [p.rsplit("/", 1)[1] for p in resolve_source(str(tmp_path / "a*.jsonl")).files] == ["a.jsonl"]
+    assert len(resolve_source(str(tmp_path / "*" / "*.jsonl")).files) == 1
+    uri = resolve_source(f"file://{tmp_path}/sub")
+    assert uri.format == "jsonl" and len(uri.files) == 1
+
+
+def test_resolve_refuses_mixed_formats(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "b.csv").write_text("text\nx\n")
+    with pytest.raises(DataError, match="mixes formats"):
+        resolve_source(str(tmp_path))
+
+
+def test_check_columns_reads_only_the_header(tmp_path):
+    (tmp_path / "q.csv").write_text("prompt,lang\nhello,en\n")
+    with pytest.raises(DataError, match=r"no column 'text' \(columns: \['prompt', 'lang'\]\)"):
+        check_columns(resolve_source(str(tmp_path / "q.csv")), "text")
+    check_columns(resolve_source(str(tmp_path / "q.csv")), "prompt")
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match="not UTF-8.*re-encode"):
+        check_columns(resolve_source(str(tmp_path / "bad.jsonl")), "text")
+    pq.write_table(pa.table({"query": ["x"]}), tmp_path / "q.parquet")
+    with pytest.raises(DataError, match="no column 'text'"):
+        check_columns(resolve_source(str(tmp_path / "q.parquet")), "text")
+
+
+def test_explain_read_failure_finds_wrapped_causes():
+    try:
+        try:
+            b"\xff".decode("utf-8")
+        except UnicodeDecodeError as inner:
+            raise RuntimeError("task failed") from inner
+    except RuntimeError as outer:
+        err = explain_read_failure(outer, "q.txt")
+    assert err is not None and "not UTF-8" in str(err) and "'q.txt'" in str(err)
+    assert explain_read_failure(RuntimeError("worker died"), "q.txt") is None
 
 
 def test_builtin_demo_split_is_disjoint_and_labelled():

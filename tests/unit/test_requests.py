@@ -8,7 +8,7 @@ from raydistill.config import TeacherConfig
 from raydistill.schema import SAMPLES
 from raydistill.tasks.task import REJECT_ENGINE, REJECT_NO_LABEL, load_task
 from raydistill.teacher.generate import summarize
-from raydistill.teacher.requests import build_requests, parse_outputs
+from raydistill.teacher.requests import build_requests, flatten_logprobs, parse_outputs, sample_key, sampling_params
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +58,39 @@ def test_parse_outputs_accounts_rejects(task):
 
 def test_summarize_empty():
     assert summarize(pa.table({n: pa.array([], type=SAMPLES.field(n).type) for n in SAMPLES.names}))["rows"] == 0
+
+
+def test_flatten_logprobs_to_plain_lists():
+    # vLLM: top-2 alternatives per position plus the sampled token when it ranks lower
+    logprobs = [
+        {5: {"logprob": -0.1, "rank": 1}, 7: {"logprob": -2.5, "rank": 2}},
+        {9: {"logprob": -0.3, "rank": 1}, 4: {"logprob": -1.9, "rank": 2}, 11: {"logprob": -4.0, "rank": 6}},
+    ]
+    ids, own, top_ids, top_lps = flatten_logprobs([5, 11], logprobs, top_k=2)
+    assert ids == [5, 11] and own == pytest.approx([-0.1, -4.0])
+    assert top_ids == [[5, 7], [9, 4]] and top_lps[1] == pytest.approx([-0.3, -1.9])
+
+
+def test_parse_outputs_writes_logprob_columns(task):
+    batch = {
+        "id": np.array(["1"]), "query": np.array(["q"]), "gold": np.array([None]), "sample_index": np.array([0]),
+        "generated_text": np.array([" Spanish"]), "generated_tokens": np.array([[3, 4]], dtype=object),
+        "logprobs": np.array([[{3: {"logprob": -0.5, "rank": 1}}, {4: {"logprob": -0.25, "rank": 1}}]], dtype=object),
+        "num_input_tokens": np.array([9]), "num_generated_tokens": np.array([2]),
+    }
+    table = parse_outputs(batch, task=task, teacher_model="m", top_k=1)
+    row = table.to_pylist()[0]
+    assert row["token_ids"] == [3, 4] and row["token_logprobs"] == [-0.5, -0.25]
+    assert row["top_token_ids"] == [[3], [4]] and table.schema.field("top_logprobs").type == pa.list_(pa.list_(pa.float32()))
+
+
+def test_resume_skips_written_samples(task, tokenizer):
+    batch = {"id": np.array(["a", "b"]), "text": np.array(["Hola", "Hallo"]), "gold": np.array([None, None])}
+    done = np.array(sorted([sample_key("a", 0), sample_key("a", 1), sample_key("b", 1)]), dtype=object)
+    out = build_requests(batch, tokenizer, task, TeacherConfig(samples_per_query=2, temperature=0.7), done=done)
+    assert list(zip(out["id"], out["sample_index"])) == [("b", 0)]
+
+
+def test_sampling_params_stop_and_logprobs():
+    params = sampling_params(TeacherConfig(stop=["\n"], logprobs=5), 0)
+    assert params["stop"] == ["\n"] and params["logprobs"] == 5

@@ -1,0 +1,222 @@
+"""Teacher sampling throughput, side by side in one run on one machine:
+
+  (a) ``raydistill generate`` (Ray Data + ray.data.llm vLLM actor, parse, Parquet);
+  (b) a plain vLLM ``LLM.generate`` over all prompts in one process;
+  (c) a plain batched transformers ``generate`` loop;
+
+each with the target prompt ("prompted") and with bare queries ("bare": what the student sees),
+on the same model (SmolLM2-135M-Instruct), the same rendered prompts, greedy, 8 new tokens.
+
+    scripts/loopback-only .venv/bin/python bench/generate_bench.py
+
+Writes ``bench/results/generate.{json,md}``. End-to-end = process start to last sample
+(engine start included); steady state = after the engine is up: for (a) rows of all but the
+first Parquet file over the time between the first and the last file; for (b) the single
+``generate`` call; for (c) all batches after the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+MODEL = "builtin:smollm2-135m-instruct"
+TEACHER = {"model": MODEL, "dtype": "float32", "enforce_eager": True, "temperature": 0.0, "max_tokens": 8,
+           "batch_size": 64, "rows_per_file": 256}
+
+
+def make_queries(n: int, path: Path) -> None:
+    """n sentences from eld's multilingual test set, picked by hash (deterministic, all languages)."""
+    from raydistill.data.builtin import _eld_sentences
+
+    texts = sorted({t for sentences in _eld_sentences().values() for t in sentences},
+                   key=lambda t: hashlib.sha256(t.encode()).hexdigest())[:n]
+    with path.open("w", encoding="utf-8") as fh:
+        for t in texts:
+            fh.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+
+
+def bare_task(path: Path) -> None:
+    """The langid task without its target prompt: the bare query, as the student sees it."""
+    spec = yaml.safe_load((REPO / "raydistill" / "tasks" / "langid" / "task.yaml").read_text())
+    spec.pop("system_prompt_file", None)
+    spec.update(name="langid-bare", user_template="{query}", assistant_prefix="")
+    path.write_text(yaml.safe_dump(spec))
+
+
+def prompts(task_name: str, queries: Path, limit: int | None = None) -> list[str]:
+    from transformers import AutoTokenizer
+
+    from raydistill.models import resolve_model
+    from raydistill.render import render_prompt
+    from raydistill.tasks.task import load_task
+
+    task = load_task(task_name)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(MODEL))
+    rows = [json.loads(line)["text"] for line in queries.read_text(encoding="utf-8").splitlines()][:limit]
+    return [render_prompt(tokenizer, task.teacher_messages(q), task.assistant_prefix) for q in rows]
+
+
+# ---- (b) and (c): run in their own process, print one JSON line -------------------------------
+
+def plain_vllm(task_name: str, queries: Path) -> dict:
+    t0 = time.time()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    from vllm import LLM, SamplingParams
+
+    from raydistill.config import TeacherConfig
+    from raydistill.models import resolve_model
+    from raydistill.teacher.generate import engine_kwargs
+
+    texts = prompts(task_name, queries)
+    llm = LLM(model=resolve_model(MODEL), **engine_kwargs(TeacherConfig(**TEACHER)))
+    params = SamplingParams(temperature=0.0, max_tokens=TEACHER["max_tokens"])
+    t1 = time.time()
+    outputs = llm.generate(texts, params, use_tqdm=False)
+    t2 = time.time()
+    return {"queries": len(outputs), "end_to_end_s": t2 - t0, "steady_s": t2 - t1,
+            "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+            "input_tokens": sum(len(o.prompt_token_ids) for o in outputs)}
+
+
+def plain_hf(task_name: str, queries: Path, limit: int, batch_size: int = 32) -> dict:
+    t0 = time.time()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raydistill.models import resolve_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    path = resolve_model(MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    texts = prompts(task_name, queries, limit)
+    times = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            t = time.time()
+            enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            model.generate(**enc, max_new_tokens=TEACHER["max_tokens"], do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            times.append((time.time() - t, len(texts[i : i + batch_size])))
+    end = time.time()
+    steady_n = sum(n for _, n in times[1:])
+    return {"queries": len(texts), "end_to_end_s": end - t0, "steady_s": sum(t for t, _ in times[1:]),
+            "steady_queries": steady_n}
+
+
+# ---- (a): the real CLI -----------------------------------------------------------------------
+
+def run_raydistill(task_name: str, queries: Path, work: Path) -> dict:
+    config = {"run_dir": str(work / f"run-{Path(task_name).stem}"), "task": {"name": task_name},
+              "queries": {"train_path": str(queries), "eval_path": str(queries)},
+              "teacher": TEACHER, "cluster": {"num_cpus": 4}}
+    cfg = work / f"config-{Path(task_name).stem}.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "raydistill", "generate", str(cfg), "--overwrite"],
+                          cwd=REPO, capture_output=True, text=True)
+    end_to_end = time.time() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    import pyarrow.parquet as pq
+
+    samples = Path(config["run_dir"]) / "samples"
+    files = sorted((f.stat().st_mtime, pq.read_metadata(f).num_rows) for f in samples.glob("*.parquet"))
+    counts = json.loads((samples / "_manifest.json").read_text())["counts"]
+    return {"queries": counts["rows"], "end_to_end_s": end_to_end,
+            "steady_s": files[-1][0] - files[0][0], "steady_queries": sum(n for _, n in files[1:]),
+            "files": len(files), "input_tokens": counts["input_tokens"], "output_tokens": counts["output_tokens"],
+            "parse_rate": counts["parse_rate"]}
+
+
+def worker(kind: str, task_name: str, queries: Path, limit: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--task", task_name, "--queries-file", str(queries),
+           "--hf-queries", str(limit)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def rates(r: dict) -> dict:
+    steady_q = r.get("steady_queries", r["queries"])
+    return {**r, "qps_end_to_end": r["queries"] / r["end_to_end_s"], "qps_steady": steady_q / r["steady_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--queries", type=int, default=2048)
+    parser.add_argument("--hf-queries", type=int, default=256, help="transformers is slow: time it on a subset")
+    parser.add_argument("--worker", choices=["vllm", "hf"])
+    parser.add_argument("--task")
+    parser.add_argument("--queries-file")
+    args = parser.parse_args()
+    if args.worker == "vllm":
+        print(json.dumps(plain_vllm(args.task, Path(args.queries_file))))  # noqa: T201
+        return
+    if args.worker == "hf":
+        print(json.dumps(plain_hf(args.task, Path(args.queries_file), args.hf_queries)))  # noqa: T201
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="rd-bench-gen-"))
+    queries = work / "queries.jsonl"
+    make_queries(args.queries, queries)
+    bare = work / "langid-bare.yaml"
+    bare_task(bare)
+    results: dict[str, dict] = {}
+    for variant, task_name in (("prompted", "langid"), ("bare", str(bare))):
+        for system, fn in (("raydistill", lambda t: run_raydistill(t, queries, work)),
+                           ("vllm", lambda t: worker("vllm", t, queries, args.hf_queries)),
+                           ("transformers", lambda t: worker("hf", t, queries, args.hf_queries))):
+            print(f"[bench] {system} / {variant} ...", file=sys.stderr, flush=True)  # noqa: T201
+            results[f"{system}/{variant}"] = rates(fn(task_name))
+            print(f"[bench] {system} / {variant}: {json.dumps(results[f'{system}/{variant}'])}", file=sys.stderr, flush=True)  # noqa: T201
+    write(results, args)
+
+
+def write(results: dict[str, dict], args: argparse.Namespace) -> None:
+    import torch
+    import vllm
+
+    r = results
+    ratios = {
+        "raydistill/vllm steady (prompted)": r["raydistill/prompted"]["qps_steady"] / r["vllm/prompted"]["qps_steady"],
+        "raydistill/vllm steady (bare)": r["raydistill/bare"]["qps_steady"] / r["vllm/bare"]["qps_steady"],
+        "raydistill/transformers steady (prompted)": r["raydistill/prompted"]["qps_steady"] / r["transformers/prompted"]["qps_steady"],
+        "raydistill/transformers steady (bare)": r["raydistill/bare"]["qps_steady"] / r["transformers/bare"]["qps_steady"],
+        "raydistill prompted/bare time per query (steady)": r["raydistill/bare"]["qps_steady"] / r["raydistill/prompted"]["qps_steady"],
+        "vllm prompted/bare time per query (steady)": r["vllm/bare"]["qps_steady"] / r["vllm/prompted"]["qps_steady"],
+    }
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "vllm": vllm.__version__, "torch": torch.__version__, "model": MODEL, "teacher": TEACHER,
+            "queries": args.queries, "hf_queries": args.hf_queries}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "generate.json").write_text(json.dumps({"meta": meta, "results": results, "ratios": ratios}, indent=2))
+    lines = ["# Teacher sampling benchmark", "", f"{meta['date']}, {meta['machine']}, vllm {meta['vllm']}, "
+             f"torch {meta['torch']}, {MODEL}, fp32, greedy, {TEACHER['max_tokens']} new tokens.", "",
+             "| system | prompt | queries | end-to-end q/s | steady q/s | input tok/query |",
+             "|---|---|---:|---:|---:|---:|"]
+    for key, v in results.items():
+        system, variant = key.split("/")
+        tok = f"{v['input_tokens'] / v['queries']:.0f}" if "input_tokens" in v else "—"
+        lines.append(f"| {system} | {variant} | {v['queries']} | {v['qps_end_to_end']:.2f} | {v['qps_steady']:.2f} | {tok} |")
+    lines += ["", "| ratio | value |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
+    (RESULTS / "generate.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
