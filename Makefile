@@ -6,9 +6,16 @@ PIP    := $(VENV)/bin/pip
 # Ray, vLLM and torch's TCPStore bind more than loopback: see scripts/loopback-only.
 NETNS  := scripts/loopback-only
 
-.PHONY: setup demo test lint clean
+# Debian packages: Chromium renders report.html headless in the tests (a screenshot).
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-setup: $(VENV)/.installed
+.PHONY: setup demo test lint clean system-deps
+
+setup: system-deps $(VENV)/.installed
+
+system-deps:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)

@@ -110,12 +110,27 @@ class TrainConfig(_Section):
     log_every: int = Field(5, ge=1)
 
 
+class AutoscalingConfig(_Section):
+    """Serve autoscaling of each model's replicas on ongoing requests per replica."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(16.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"serve.autoscaling.min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
 class ServeConfig(_Section):
     """The Ray Serve OpenAI-compatible app."""
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    num_replicas: int = Field(1, ge=1)
+    num_replicas: int = Field(1, ge=1, description="Replicas per model (ignored when autoscaling is set).")
+    autoscaling: AutoscalingConfig | None = Field(None, description="Autoscale replicas instead of a fixed number.")
     max_ongoing_requests: int = Field(32, ge=1)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
     max_model_len: int = Field(2048, ge=64)

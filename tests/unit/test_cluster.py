@@ -1,0 +1,129 @@
+"""The cluster manifests and job entrypoints: schema-valid, consistent with each other and
+with the pinned stack, and naming modules and configs that exist."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shlex
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import ray
+import yaml
+
+from raydistill.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+KUBERAY = REPO / "cluster" / "kuberay"
+LAUNCHER = REPO / "cluster" / "launcher" / "aws-gpu.yaml"
+K8S_VERSION = "1.33"
+STAGES = ("generate", "train", "serve", "evaluate", "run")
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def pod_templates(cluster_spec: dict) -> list[dict]:
+    groups = [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]
+    return [g["template"] for g in groups]
+
+
+def as_pod(template: dict) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "check"}, "spec": template["spec"]}
+
+
+@pytest.fixture(scope="module")
+def raycluster() -> dict:
+    return load(KUBERAY / "raycluster.yaml")
+
+
+@pytest.fixture(scope="module")
+def rayjob() -> dict:
+    return load(KUBERAY / "rayjob.yaml")
+
+
+def test_raycluster_matches_pinned_ray_and_declares_gpus(raycluster):
+    assert raycluster["apiVersion"] == "ray.io/v1" and raycluster["kind"] == "RayCluster"
+    spec = raycluster["spec"]
+    assert spec["rayVersion"] == ray.__version__
+    for template in pod_templates(spec):
+        for container in template["spec"]["containers"]:
+            assert re.fullmatch(rf"rayproject/ray:{re.escape(ray.__version__)}-py311-gpu", container["image"])
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # the head runs no work
+    assert spec["enableInTreeAutoscaling"] is True
+    for group in spec["workerGroupSpecs"]:
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert int(limits["nvidia.com/gpu"]) >= 1
+
+
+def test_pod_templates_are_valid_kubernetes(raycluster, rayjob):
+    for spec in (raycluster["spec"], rayjob["spec"]["rayClusterSpec"]):
+        for template in pod_templates(spec):
+            kubernetes_validate.validate(as_pod(template), K8S_VERSION, strict=True)
+
+
+def test_the_validator_rejects_a_broken_pod_template(raycluster):
+    broken = copy.deepcopy(pod_templates(raycluster["spec"])[1])
+    broken["spec"]["containers"][0]["resourcess"] = broken["spec"]["containers"][0].pop("resources")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(as_pod(broken), K8S_VERSION, strict=True)
+
+
+def test_rayjob_runs_a_real_entrypoint_on_the_same_cluster(raycluster, rayjob):
+    assert rayjob["kind"] == "RayJob"
+    assert rayjob["spec"]["rayClusterSpec"] == raycluster["spec"]
+    argv = shlex.split(rayjob["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "-m"] and argv[2].startswith("jobs.")
+    assert (REPO / (argv[2].replace(".", "/") + ".py")).is_file()
+    cfg = load_config(REPO / argv[3])
+    assert cfg.teacher.accelerator == "gpu" and cfg.train.use_gpu
+    runtime_env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])
+    assert runtime_env.pop("working_dir").endswith(".zip")  # a cluster-fetchable archive
+    assert runtime_env == load(REPO / "jobs" / "runtime_env_gpu.yaml")
+
+
+def test_launcher_yaml_is_valid_for_ray_and_matches_kuberay(raycluster):
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    config = load(LAUNCHER)
+    jsonschema.validate(config, schema)
+    assert config["docker"]["image"] == pod_templates(raycluster["spec"])[0]["spec"]["containers"][0]["image"]
+    workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
+    assert workers and all(t["max_workers"] >= 1 for t in workers)
+    assert config["available_node_types"][config["head_node_type"]]["resources"] == {"CPU": 0}
+
+
+def test_gpu_runtime_env_pins_the_stack():
+    env = load(REPO / "jobs" / "runtime_env_gpu.yaml")
+    pinned = dict(line.split("==") for line in (REPO / "constraints-cpu.txt").read_text().splitlines()
+                  if "==" in line and not line.startswith("#"))
+    for requirement in env["pip"]["packages"]:
+        name, version = requirement.split("==")
+        assert pinned.get(name, pinned.get(f"{name}-cpu")) == version, requirement
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_has_a_documented_job_entrypoint(stage):
+    module = REPO / "jobs" / f"{stage}.py"
+    text = module.read_text()
+    for env in ("cpu", "gpu"):
+        line = next(ln.strip() for ln in text.splitlines() if f"runtime_env_{env}.yaml" in ln and "ray job submit" in ln)
+        argv = shlex.split(line)
+        assert argv[:3] == ["ray", "job", "submit"]
+        runtime_env = argv[argv.index("--runtime-env") + 1]
+        assert (REPO / runtime_env).is_file()
+        command = argv[argv.index("--") + 1 :]
+        assert command[:3] == ["python", "-m", f"jobs.{stage}"] and (REPO / command[3]).is_file()
+    assert f"python -m jobs.{stage}" in (REPO / "README.md").read_text()
+    assert f'main(["{stage}", *sys.argv[1:]])' in text
+
+
+def test_runtime_envs_keep_local_state_out_of_the_upload():
+    for env in ("cpu", "gpu"):
+        excludes = load(REPO / "jobs" / f"runtime_env_{env}.yaml")["excludes"]
+        assert {".venv/", ".git/", "runs/"} <= set(excludes)
