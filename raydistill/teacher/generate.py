@@ -152,8 +152,11 @@ def _generate_into(cfg: PipelineConfig, out: ResumableOutput, task: TaskSpec, mo
         },
         compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=0.5,
-        batch_size=max(1, cfg.teacher.batch_size // cfg.teacher.samples_per_query),  # ≈ one engine batch
-    )
+        batch_size=max(1, cfg.teacher.batch_size // cfg.teacher.samples_per_query),
+    ).repartition(target_num_rows_per_block=cfg.teacher.batch_size)
+    # One block per engine batch: the engine actor still has max_concurrent_batches of them in
+    # flight, but each finished batch streams on to parse and write at once (progress, files
+    # written as it goes, little work lost to a crash) instead of waiting for a whole read block.
     processor = build_processor(processor_config(cfg.teacher, model_path))
     samples = processor(requests).map_batches(
         parse_outputs,
