@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
         if verb in ("generate", "train", "evaluate", "run", "demo"):
             p.add_argument("--overwrite", action="store_true", help="replace this stage's existing output")
-        if verb in ("generate", "run", "demo"):
+        if verb in ("generate", "train", "run", "demo"):
             p.add_argument("--resume", action="store_true",
                            help="finish an interrupted run: skip complete stages, sample only what is missing")
         if verb == "evaluate":
@@ -70,7 +70,7 @@ def _dispatch(args: argparse.Namespace, cfg: PipelineConfig) -> None:
     elif args.verb == "train":
         from raydistill.student.train import train
 
-        train(cfg, overwrite=args.overwrite)
+        train(cfg, overwrite=args.overwrite, resume=args.resume)
     elif args.verb == "serve":
         from raydistill.serve.stage import serve_forever
 

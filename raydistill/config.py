@@ -108,6 +108,20 @@ class TrainConfig(_Section):
     max_seq_len: int = Field(256, ge=8)
     seed: int = 0
     log_every: int = Field(5, ge=1)
+    val_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="Share of query ids held out for eval loss (0: none).")
+    eval_every: int = Field(0, ge=0, description="Eval loss every N steps (0: at the end only).")
+    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps through ray.train.report (0: none).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in run storage (the latest ones).")
+    max_failures: int = Field(1, ge=-1, description="Worker-group restarts from the last checkpoint (-1: unlimited).")
+    kl_weight: float = Field(0.0, ge=0.0, le=1.0, description="Weight of KL to the teacher's top-k logprobs (needs teacher.logprobs).")
+    tracking: Literal["none", "mlflow"] = Field("none", description="Log metrics to MLflow through Ray's setup_mlflow.")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow server or file URI; default <run_dir>/mlruns.")
+
+    @model_validator(mode="after")
+    def _check_soft_targets(self) -> TrainConfig:
+        if self.kl_weight > 0 and self.target != "response":
+            raise ValueError("train.kl_weight > 0 trains on the teacher's own tokens: set train.target=response")
+        return self
 
 
 class AutoscalingConfig(_Section):
@@ -175,6 +189,8 @@ class PipelineConfig(_Section):
     def _check_consistency(self) -> PipelineConfig:
         if self.teacher.accelerator == "cpu" and self.teacher.tensor_parallel_size > 1:
             raise ValueError("teacher.tensor_parallel_size > 1 needs teacher.accelerator=gpu")
+        if self.train.kl_weight > 0 and self.teacher.logprobs == 0:
+            raise ValueError("train.kl_weight > 0 needs the teacher's logprobs: set teacher.logprobs (e.g. 5)")
         return self
 
 
@@ -210,6 +226,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         return f"{source}: unknown key '{key}'; remove it or check its spelling (see --help of the verb)"
     if first["type"] == "missing":
         return f"{source}: missing required key '{key}'; add it to the config or pass {key}=..."
+    if first["type"] == "value_error":  # our cross-field checks: their message names keys and fix
+        return f"{source}: {first['msg'].removeprefix('Value error, ')}"
     got = first.get("input")
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{source}: bad value for '{key}': {first['msg']} (got {got!r}); fix it in the config or with {key}=...{more}"

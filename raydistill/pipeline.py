@@ -42,7 +42,7 @@ def run_pipeline(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool =
         logger.info("=== %s done in %.1f s ===", name, times[name])
 
     stage("generate", run_dir / "samples", lambda: generate(cfg, overwrite=overwrite, resume=resume))
-    stage("train", run_dir / "student", lambda: train(cfg, overwrite=overwrite or resume))
+    stage("train", run_dir / "student", lambda: train(cfg, overwrite=overwrite, resume=resume))
     t = time.time()
     url = start_serving(cfg)
     times["serve (start)"] = time.time() - t

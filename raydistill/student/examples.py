@@ -1,8 +1,9 @@
 """Masked training examples (pure): the bare query rendered as the student sees it, and a loss
-on the answer tokens only."""
+on the answer tokens only; optionally the teacher's top-k distribution at each of its tokens."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,15 @@ from raydistill.render import render_completion, render_prompt
 from raydistill.tasks.task import TaskSpec
 
 IGNORE_INDEX = -100
+PAD_LOGPROB = -1e9  # a padded top-k slot: zero probability after the softmax
+
+
+def is_validation(query_id: str, fraction: float) -> bool:
+    """The held-out split, by query id: all samples of a query fall on the same side."""
+    if fraction <= 0:
+        return False
+    bucket = int(hashlib.sha256(f"val:{query_id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return bucket < fraction
 
 
 def build_example(tokenizer: Any, query: str, answer: str, max_seq_len: int) -> dict[str, list[int]] | None:
@@ -23,19 +33,69 @@ def build_example(tokenizer: Any, query: str, answer: str, max_seq_len: int) -> 
     return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
 
 
+def build_soft_example(
+    tokenizer: Any, query: str, prefix: str, token_ids: list[int], top_ids: list[list[int]],
+    top_logprobs: list[list[float]], max_seq_len: int,
+) -> dict[str, Any] | None:
+    """The teacher's own tokens as the answer (prefix + generated ids + end of turn), with its
+    top-k distribution at each generated token, so a KL term can be taken position by position.
+    Token ids are used as they are: re-tokenizing the decoded text could shift the alignment."""
+    messages = TaskSpec.student_messages(query)
+    prompt = render_prompt(tokenizer, messages)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    with_prefix = tokenizer(prompt + prefix, add_special_tokens=False)["input_ids"]
+    if with_prefix[: len(prompt_ids)] != prompt_ids:  # the prefix merged into the template's last token
+        with_prefix = prompt_ids + tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    answer = [int(t) for t in token_ids]
+    if not answer or answer[-1] != tokenizer.eos_token_id:
+        answer.append(tokenizer.eos_token_id)  # a truncated answer still ends the turn
+    input_ids = with_prefix + answer
+    if len(input_ids) > max_seq_len:
+        return None
+    k = max((len(t) for t in top_ids), default=0)
+    soft_ids = np.zeros((len(top_ids), k), dtype=np.int64)
+    soft_lps = np.full((len(top_ids), k), PAD_LOGPROB, dtype=np.float32)
+    for j, (ids, lps) in enumerate(zip(top_ids, top_logprobs)):
+        soft_ids[j, : len(ids)] = ids
+        soft_lps[j, : len(lps)] = lps
+    start = len(with_prefix)
+    return {
+        "input_ids": input_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + input_ids[len(prompt_ids) :],
+        "soft_pos": np.arange(start, start + len(top_ids), dtype=np.int64),  # the tokens they predict
+        "soft_ids": soft_ids,
+        "soft_logprobs": soft_lps,
+    }
+
+
 def build_examples_batch(
-    batch: dict[str, np.ndarray], *, tokenizer: Any, task: TaskSpec, target: str, max_seq_len: int
+    batch: dict[str, np.ndarray], *, tokenizer: Any, task: TaskSpec, target: str, max_seq_len: int,
+    val_fraction: float = 0.0, soft: bool = False,
 ) -> dict[str, Any]:
-    """Samples rows → example rows; rows too long for ``max_seq_len`` are dropped."""
-    input_ids, labels, ids = [], [], []
-    for qid, query, label, response in zip(batch["id"], batch["query"], batch["label"], batch["response"]):
-        answer = task.target_text(label, response or "", target)  # type: ignore[arg-type]
-        example = build_example(tokenizer, str(query), answer, max_seq_len)
-        if example is not None:
-            input_ids.append(np.asarray(example["input_ids"], dtype=np.int64))
-            labels.append(np.asarray(example["labels"], dtype=np.int64))
-            ids.append(qid)
-    return {"id": np.asarray(ids, dtype=object), "input_ids": _ragged(input_ids), "labels": _ragged(labels)}
+    """Samples rows → example rows (``val`` marks the held-out split); rows too long for
+    ``max_seq_len`` are dropped. With ``soft``, the teacher's top-k logprobs come along."""
+    cols: dict[str, list[Any]] = {k: [] for k in ("id", "input_ids", "labels", "val", "soft_pos", "soft_ids", "soft_logprobs")}
+    for i, (qid, query, label, response) in enumerate(zip(batch["id"], batch["query"], batch["label"], batch["response"])):
+        if soft:
+            example = build_soft_example(tokenizer, str(query), task.assistant_prefix, list(batch["token_ids"][i]),
+                                         list(batch["top_token_ids"][i]), list(batch["top_logprobs"][i]), max_seq_len)
+        else:
+            answer = task.target_text(label, response or "", target)  # type: ignore[arg-type]
+            example = build_example(tokenizer, str(query), answer, max_seq_len)
+        if example is None:
+            continue
+        cols["id"].append(qid)
+        cols["input_ids"].append(np.asarray(example["input_ids"], dtype=np.int64))
+        cols["labels"].append(np.asarray(example["labels"], dtype=np.int64))
+        cols["val"].append(is_validation(str(qid), val_fraction))
+        if soft:
+            for key in ("soft_pos", "soft_ids", "soft_logprobs"):
+                cols[key].append(example[key])
+    out = {"id": np.asarray(cols["id"], dtype=object), "input_ids": _ragged(cols["input_ids"]),
+           "labels": _ragged(cols["labels"]), "val": np.asarray(cols["val"], dtype=bool)}
+    if soft:
+        out.update({key: _ragged(cols[key]) for key in ("soft_pos", "soft_ids", "soft_logprobs")})
+    return out
 
 
 def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
@@ -45,7 +105,8 @@ def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 def collate(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, np.ndarray]:
-    """Right-pad a batch of ragged examples to its longest row; mask the padding."""
+    """Right-pad a batch of ragged examples to its longest row; mask the padding. Soft targets
+    become dense [batch, length, k] arrays with a [batch, length] mask of the positions that have them."""
     lengths = [len(x) for x in batch["input_ids"]]
     width = max(lengths)
     n = len(lengths)
@@ -56,7 +117,18 @@ def collate(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, np.nda
         input_ids[i, : len(ids)] = ids
         labels[i, : len(lab)] = lab
         attention[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    if "soft_pos" in batch:
+        k = max((s.shape[1] for s in batch["soft_ids"] if s.size), default=1)
+        soft_ids = np.zeros((n, width, k), dtype=np.int64)
+        soft_lps = np.full((n, width, k), PAD_LOGPROB, dtype=np.float32)
+        soft_mask = np.zeros((n, width), dtype=bool)
+        for i, (pos, ids, lps) in enumerate(zip(batch["soft_pos"], batch["soft_ids"], batch["soft_logprobs"])):
+            soft_ids[i, pos, : ids.shape[1]] = ids
+            soft_lps[i, pos, : lps.shape[1]] = lps
+            soft_mask[i, pos] = True
+        out.update(soft_ids=soft_ids, soft_logprobs=soft_lps, soft_mask=soft_mask)
+    return out
 
 
 def bucket_batches(chunk: dict[str, np.ndarray], batch_size: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
@@ -66,4 +138,5 @@ def bucket_batches(chunk: dict[str, np.ndarray], batch_size: int, rng: np.random
     order = np.argsort([len(x) for x in chunk["input_ids"]], kind="stable")
     batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
     rng.shuffle(batches)
-    return [{key: chunk[key][idx] for key in ("input_ids", "labels")} for idx in batches]
+    keys = [k for k in ("input_ids", "labels", "soft_pos", "soft_ids", "soft_logprobs") if k in chunk]
+    return [{key: chunk[key][idx] for key in keys} for idx in batches]

@@ -69,6 +69,65 @@ def build_model(model_path: str, train: dict[str, Any]) -> Any:
     return get_peft_model(model, lora)
 
 
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _to_device(arrays: dict[str, np.ndarray], device: Any) -> dict[str, Any]:
+    import torch
+
+    return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+
+
+def evaluate_loss(engine: Any, shard: Any, train: dict[str, Any], pad_id: int) -> float | None:
+    """Mean answer-token loss over the validation split, summed across workers."""
+    import torch
+    import torch.distributed as dist
+
+    from raydistill.student.examples import collate
+    from raydistill.student.loss import answer_only_loss
+
+    total = torch.zeros(2, dtype=torch.float64)
+    engine.eval()
+    with torch.no_grad():
+        for batch in shard.iter_batches(batch_size=train["batch_size_per_worker"], batch_format="numpy"):
+            inputs = _to_device(collate(batch, pad_id), engine.device)
+            loss = answer_only_loss(engine.module, **inputs, kl_weight=train["kl_weight"])
+            total += torch.tensor([float(loss) * len(batch["input_ids"]), len(batch["input_ids"])], dtype=torch.float64)
+    engine.train()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return float(total[0] / total[1]) if total[1] > 0 else None
+
+
+def save_checkpoint(engine: Any, loop_state: dict[str, Any], metrics_path: Path, rank: int) -> Any:
+    """Every rank writes its DeepSpeed shard into its own folder; Ray Train merges the folders
+    of all ranks into one checkpoint in run storage. LoRA checkpoints skip the frozen base."""
+    import tempfile
+
+    from ray.train import Checkpoint
+
+    folder = Path(tempfile.mkdtemp(prefix="raydistill-ckpt-"))
+    engine.save_checkpoint(str(folder), tag="ds", exclude_frozen_parameters=loop_state["lora"])
+    if rank == 0:
+        (folder / "loop_state.json").write_text(json.dumps(loop_state))
+        if metrics_path.is_file():
+            (folder / "metrics.jsonl").write_bytes(metrics_path.read_bytes())
+    return Checkpoint.from_directory(str(folder))
+
+
+def restore(engine: Any, checkpoint: Any, metrics_path: Path, rank: int) -> dict[str, Any]:
+    """Load model, optimizer and scheduler state; return the loop state saved with them."""
+    with checkpoint.as_directory() as folder:
+        engine.load_checkpoint(folder, tag="ds", load_module_strict=False)
+        state = json.loads(Path(folder, "loop_state.json").read_text())
+        if rank == 0 and Path(folder, "metrics.jsonl").is_file():
+            metrics_path.write_bytes(Path(folder, "metrics.jsonl").read_bytes())
+    return state
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
@@ -88,6 +147,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # The shm comm op would be JIT-compiled (~2 min) at init; gloo/NCCL is all we need.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
+    rss_before_model = _rss_mb()
     model = build_model(loop_config["model_path"], train)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train["learning_rate"], weight_decay=train["weight_decay"])
@@ -97,23 +157,41 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(train)
     )
-
-    shard = ray.train.get_dataset_shard("train")
-    pad_id = loop_config["pad_token_id"]
-    step, micro, tokens, started = 0, 0, 0, time.time()
-    losses: list[float] = []
     metrics_path = Path(loop_config["metrics_path"])
-    for epoch in range(train["epochs"]):
-        rng = np.random.default_rng(train["seed"] * 1000 + epoch)
+    step, first_epoch, tokens = 0, 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a retried worker group, or a re-run of a killed driver
+        state = restore(engine, checkpoint, metrics_path, rank)
+        step, first_epoch, tokens = state["step"], state["epoch"], state["tokens_worker"]
+        if rank == 0:
+            logger.info("resumed from the checkpoint at step %d/%d", step, total_steps)
+
+    tracker = None
+    if train["tracking"] == "mlflow" and rank == 0:
+        from ray.air.integrations.mlflow import setup_mlflow
+
+        tracker = setup_mlflow(config=train, tracking_uri=loop_config["mlflow_tracking_uri"], experiment_name="raydistill",
+                               rank_zero_only=True)
+    shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
+    pad_id = loop_config["pad_token_id"]
+    started, resumed_at, tokens_at_start, micro = time.time(), step, tokens, 0
+    losses: list[float] = []
+    row: dict[str, Any] = {}
+    for epoch in range(first_epoch, train["epochs"]):
+        if step >= total_steps:
+            break
+        # After a resume the epoch restarts as a fresh shuffle: the optimizer, schedule and step
+        # count continue exactly; which examples the rest of the epoch sees is resampled.
+        rng = np.random.default_rng(train["seed"] * 1000 + epoch + 7919 * resumed_at)
         chunks = shard.iter_batches(
             batch_size=train["batch_size_per_worker"] * BUCKET_BATCHES, batch_format="numpy",
             local_shuffle_buffer_size=4 * train["batch_size_per_worker"] * BUCKET_BATCHES,
-            local_shuffle_seed=train["seed"] + epoch,
+            local_shuffle_seed=train["seed"] + epoch + resumed_at,
         )
         for batch in (b for chunk in chunks for b in bucket_batches(chunk, train["batch_size_per_worker"], rng)):
             arrays = collate(batch, pad_id)
-            inputs = {k: torch.from_numpy(v).to(engine.device) for k, v in arrays.items()}
-            loss = answer_only_loss(engine.module, **inputs)
+            loss = answer_only_loss(engine.module, **_to_device(arrays, engine.device), kl_weight=train["kl_weight"])
             engine.backward(loss)
             engine.step()
             micro += 1
@@ -122,30 +200,47 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if micro % train["gradient_accumulation_steps"]:
                 continue
             step += 1
-            if step % train["log_every"] == 0 or step == total_steps:
-                row = {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": sum(losses) / len(losses),
-                    "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s_worker": tokens / (time.time() - started),
-                    "elapsed_s": round(time.time() - started, 2),
-                }
-                losses.clear()
+            last = step >= total_steps
+            evaluate_now = val_shard is not None and (last or (train["eval_every"] and step % train["eval_every"] == 0))
+            checkpoint_now = bool(train["checkpoint_every"]) and step % train["checkpoint_every"] == 0 and not last
+            if not (step % train["log_every"] == 0 or last or evaluate_now or checkpoint_now):
+                continue
+            elapsed = time.time() - started
+            row = {
+                "step": step, "epoch": epoch, "loss": sum(losses) / len(losses) if losses else None,
+                "lr": scheduler.get_last_lr()[0], "tokens_per_s_worker": (tokens - tokens_at_start) / elapsed,
+                "elapsed_s": round(elapsed, 2),
+            }
+            losses.clear()
+            if evaluate_now:
+                row["eval_loss"] = evaluate_loss(engine, val_shard, train, pad_id)
+            if rank == 0:
+                logger.info("step %d/%d loss %.4f%s lr %.2e %.0f tokens/s/worker", step, total_steps, row["loss"] or 0.0,
+                            f" eval_loss {row['eval_loss']:.4f}" if row.get("eval_loss") is not None else "",
+                            row["lr"], row["tokens_per_s_worker"])
+                with metrics_path.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                if tracker is not None:
+                    tracker.log_metrics({k: v for k, v in row.items() if isinstance(v, float)}, step=step)
+            if checkpoint_now:
+                state = {"step": step, "epoch": epoch, "tokens_worker": tokens, "lora": train["method"] == "lora"}
+                ray.train.report(row, checkpoint=save_checkpoint(engine, state, metrics_path, rank))
+            else:
                 ray.train.report(row)
-                if rank == 0:
-                    logger.info("step %d/%d loss %.4f lr %.2e %.0f tokens/s/worker", step, total_steps, row["loss"],
-                                row["lr"], row["tokens_per_s_worker"])
-                    with metrics_path.open("a") as fh:
-                        fh.write(json.dumps(row) + "\n")
-            if step >= total_steps:
+            if last:
                 break
-        if step >= total_steps:
-            break
 
+    train_wall = time.time() - started
     export(engine, loop_config, rank)
     if rank == 0:
-        summary = {"steps": step, "tokens_worker0": tokens, "wall_time_s": round(time.time() - started, 2)}
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        summary = {"steps": step, "resumed_from_step": resumed_at, "tokens_worker0": tokens,
+                   "wall_time_s": round(time.time() - started, 2), "final_eval_loss": row.get("eval_loss"),
+                   "train_wall_s": round(train_wall, 2),
+                   "tokens_per_s_worker0": round((tokens - tokens_at_start) / max(1e-9, train_wall), 2),
+                   "peak_rss_mb_worker0": round(peak, 1), "peak_rss_above_start_mb_worker0": round(peak - rss_before_model, 1)}
         Path(loop_config["export_dir"], "train_summary.json").write_text(json.dumps(summary))
 
 

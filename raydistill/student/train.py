@@ -2,21 +2,25 @@
 
     ray job submit --working-dir . -- raydistill train jobs/configs/demo_cpu.yaml
 
-Writes ``<run_dir>/student/{adapter,merged}/``, ``metrics.jsonl`` and ``_manifest.json``.
+Writes ``<run_dir>/student/{adapter,merged}/``, ``metrics.jsonl``, ``loss_curve.png`` and
+``_manifest.json``; checkpoints go to ``<run_dir>/ray_train/train/`` (``--resume`` continues
+from the last one after a crash; a failed worker group is restarted from it automatically).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raydistill.config import PipelineConfig
-from raydistill.errors import DataError
+from raydistill.errors import ConfigError, DataError, RunDirError
 from raydistill.manifest import write_manifest
 from raydistill.models import resolve_model
 from raydistill.outputs import check_output, staged_output
@@ -32,7 +36,7 @@ logger = logging.getLogger(__name__)
 class ExampleBuilder:
     """Ray Data UDF: tokenizer loaded once per actor, examples built by the pure core."""
 
-    def __init__(self, model_path: str, task: Any, target: str, max_seq_len: int):
+    def __init__(self, model_path: str, task: Any, target: str, max_seq_len: int, val_fraction: float, soft: bool):
         from transformers import AutoTokenizer
 
         self.kwargs = {
@@ -40,23 +44,66 @@ class ExampleBuilder:
             "task": task,
             "target": target,
             "max_seq_len": max_seq_len,
+            "val_fraction": val_fraction,
+            "soft": soft,
         }
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         return build_examples_batch(batch, **self.kwargs)
 
 
-def check_samples(samples_dir: Path) -> int:
+def check_samples(samples_dir: Path, *, soft: bool = False) -> int:
     """Fail early on a missing/foreign samples folder; return the number of valid rows."""
     if not samples_dir.is_dir() or not any(samples_dir.glob("*.parquet")):
         raise DataError(f"no teacher samples under {str(samples_dir)!r}; run `raydistill generate` first")
     schema = pq.read_schema(next(samples_dir.glob("*.parquet")))
     require_columns(schema.names, SAMPLES, f"samples in {str(samples_dir)!r}", "regenerate them with `raydistill generate`")
-    valid = pq.read_table(parquet_files(samples_dir), columns=["valid"]).column("valid")
-    n_valid = int(sum(valid.to_pylist()))
+    table = pq.read_table(parquet_files(samples_dir), columns=["valid", "token_ids"])
+    n_valid = int(pc.sum(table["valid"]).as_py() or 0)
     if n_valid == 0:
         raise DataError(f"samples in {str(samples_dir)!r} hold no valid rows; check the teacher prompt/parser (see the generate manifest)")
+    if soft and table["token_ids"].null_count == table.num_rows:
+        raise DataError(f"samples in {str(samples_dir)!r} have no teacher logprobs for train.kl_weight; "
+                        f"regenerate with teacher.logprobs=5 or set train.kl_weight=0")
     return n_valid
+
+
+def check_student_model(model_path: str, cfg: PipelineConfig) -> None:
+    """LoRA targets that exist and a sequence length the model can take, checked on the model's
+    config and an empty (meta-device) copy, before any worker loads weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    context = getattr(config, "max_position_embeddings", None)
+    if context and cfg.train.max_seq_len > context:
+        raise ConfigError(f"train.max_seq_len={cfg.train.max_seq_len} is longer than the student's context ({context} "
+                          f"tokens); lower train.max_seq_len")
+    targets = cfg.train.lora_target_modules
+    if cfg.train.method != "lora" or targets == ["all-linear"]:
+        return
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in leaves]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
+        raise ConfigError(f"train.lora_target_modules {missing} not found in {model_path!r}; its linear layers are "
+                          f"{linear} (or use ['all-linear'])")
+
+
+def train_storage(run_dir: Path, *, overwrite: bool, resume: bool) -> Path:
+    """Ray Train's run storage (checkpoints). Checkpoints of an interrupted run are continued
+    with ``resume``, dropped with ``overwrite``, and otherwise refused."""
+    storage = run_dir / "ray_train"
+    experiment = storage / "train"
+    if experiment.exists():
+        if overwrite:
+            shutil.rmtree(experiment)
+        elif not resume:
+            raise RunDirError(f"training checkpoints of an interrupted run are in {str(experiment)!r}; "
+                              f"pass --resume to continue from the last one or --overwrite to start over")
+    return storage
 
 
 def plan_steps(n_examples: int, cfg: PipelineConfig) -> dict[str, int]:
@@ -76,17 +123,30 @@ def plan_steps(n_examples: int, cfg: PipelineConfig) -> dict[str, int]:
     return {"examples": n_examples, "effective_batch": per_step, "steps_per_epoch": steps_per_epoch, "total_steps": total}
 
 
-def train(cfg: PipelineConfig, *, overwrite: bool = False) -> Path:
+def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False) -> Path:
     started = time.time()
     run_dir = Path(cfg.run_dir).resolve()
-    out_dir = check_output(run_dir / "student", overwrite=overwrite, what="student directory")
+    out_dir = run_dir / "student"
+    if resume and (out_dir / "_manifest.json").is_file():
+        logger.info("train: %s is complete; nothing to resume", out_dir)
+        return out_dir
+    check_output(out_dir, overwrite=overwrite, what="student directory")
     samples_dir = run_dir / "samples"
-    n_valid = check_samples(samples_dir)
+    soft = cfg.train.kl_weight > 0
+    n_valid = check_samples(samples_dir, soft=soft)
     task = load_task(cfg.task.name)
     model_path = resolve_model(cfg.train.student_model)
+    check_student_model(model_path, cfg)
+    if cfg.train.tracking == "mlflow":
+        try:
+            import mlflow  # noqa: F401
+        except ImportError:
+            raise ConfigError("train.tracking=mlflow needs the mlflow package: pip install mlflow-skinny "
+                              "(or set train.tracking=none)") from None
+    storage = train_storage(run_dir, overwrite=overwrite, resume=resume)
     ray = init_ray(cfg.cluster)
     from ray.data.expressions import col
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from transformers import AutoTokenizer
 
@@ -97,21 +157,26 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False) -> Path:
         .map_batches(
             ExampleBuilder,
             fn_constructor_kwargs={"model_path": model_path, "task": task, "target": cfg.train.target,
-                                   "max_seq_len": cfg.train.max_seq_len},
+                                   "max_seq_len": cfg.train.max_seq_len, "val_fraction": cfg.train.val_fraction,
+                                   "soft": soft},
             compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=0.5,
             batch_size=256,
         )
         .materialize()
     )
-    n_examples = examples.count()
-    plan = plan_steps(n_examples, cfg)
+    train_ds = examples.filter(expr=col("val") == False)  # noqa: E712
+    val_ds = examples.filter(expr=col("val") == True)  # noqa: E712
+    n_examples, n_val = examples.count(), val_ds.count()
+    if n_examples == 0:
+        raise DataError(f"no valid sample fits train.max_seq_len={cfg.train.max_seq_len} tokens; raise train.max_seq_len")
+    plan = plan_steps(n_examples - n_val, cfg)
     logger.info(
-        "train: %d valid samples -> %d examples (%d dropped > max_seq_len=%d); effective batch %d; "
-        "%d steps/epoch; %d steps total; %d workers, ZeRO-%d, %s, %s",
-        n_valid, n_examples, n_valid - n_examples, cfg.train.max_seq_len, plan["effective_batch"],
+        "train: %d valid samples -> %d examples (%d dropped > max_seq_len=%d), %d held out for eval loss; "
+        "effective batch %d; %d steps/epoch; %d steps total; %d workers, ZeRO-%d, %s, %s%s",
+        n_valid, n_examples, n_valid - n_examples, cfg.train.max_seq_len, n_val, plan["effective_batch"],
         plan["steps_per_epoch"], plan["total_steps"], cfg.train.num_workers, cfg.train.zero_stage,
-        cfg.train.method, cfg.train.dtype,
+        cfg.train.method, cfg.train.dtype, f", KL weight {cfg.train.kl_weight}" if soft else "",
     )
     with staged_output(out_dir) as tmp:
         loop_config = {
@@ -121,6 +186,8 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False) -> Path:
             "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             "export_dir": str(tmp),
             "metrics_path": str(tmp / "metrics.jsonl"),
+            "has_val": n_val > 0,
+            "mlflow_tracking_uri": cfg.train.mlflow_tracking_uri or (run_dir / "mlruns").as_uri(),
         }
         resources = {"CPU": cfg.train.cpus_per_worker}
         trainer = TorchTrainer(
@@ -129,8 +196,14 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False) -> Path:
             scaling_config=ScalingConfig(
                 num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
             ),
-            run_config=RunConfig(name="train", storage_path=str(run_dir / "ray_train")),
-            datasets={"train": examples},
+            # Same name + storage on a re-run: Ray Train restores its checkpoint manager, so
+            # get_checkpoint() in the workers returns the last checkpoint of the killed run.
+            run_config=RunConfig(
+                name="train", storage_path=str(storage),
+                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            ),
+            datasets={"train": train_ds, "val": val_ds} if n_val else {"train": train_ds},
         )
         result = trainer.fit()
         if result.error:
@@ -139,12 +212,39 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False) -> Path:
         if cfg.train.method == "lora":
             tokenizer.save_pretrained(tmp / "adapter")
         summary = json.loads((tmp / "train_summary.json").read_text())
-        losses = [json.loads(line)["loss"] for line in (tmp / "metrics.jsonl").read_text().splitlines()]
-        counts = {**plan, **summary, "valid_samples": n_valid, "first_loss": losses[0] if losses else None,
-                  "last_loss": losses[-1] if losses else None}
+        rows = [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in rows if r.get("loss") is not None]
+        plot_losses(rows, tmp / "loss_curve.png")
+        counts = {**plan, **summary, "valid_samples": n_valid, "validation_examples": n_val,
+                  "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
         write_manifest(tmp, stage="train", config=cfg.model_dump(),
                        inputs={"samples": str(samples_dir), "student_model": model_path, "task": task.name},
                        counts=counts, started=started)
-    logger.info("train: wrote %s (loss %s -> %s)", out_dir, counts["first_loss"], counts["last_loss"])
+    logger.info("train: wrote %s (loss %s -> %s, eval loss %s)", out_dir, counts["first_loss"], counts["last_loss"],
+                counts.get("final_eval_loss"))
     return out_dir
+
+
+def plot_losses(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Training loss per logged step and, where measured, the validation loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    train_pts = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    eval_pts = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+    if train_pts:
+        ax.plot(*zip(*train_pts), label="train loss", color="#4c72b0")
+    if eval_pts:
+        ax.plot(*zip(*eval_pts), "o-", label="validation loss", color="#dd8452")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (answer tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 

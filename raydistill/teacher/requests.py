@@ -105,8 +105,9 @@ def parse_outputs(batch: dict[str, np.ndarray], *, task: TaskSpec, teacher_model
         cols["reject_reason"].append(reason)
         cols["num_input_tokens"].append(_int_or_none(batch, "num_input_tokens", i, error))
         cols["num_output_tokens"].append(_int_or_none(batch, "num_generated_tokens", i, error))
-        logprobs = None if error or "logprobs" not in batch else batch["logprobs"][i]
-        flat = flatten_logprobs(batch["generated_tokens"][i], logprobs, top_k) if logprobs is not None else None
+        # Without logprobs requested the column holds nulls (NaN after Ray's numpy conversion).
+        logprobs = batch["logprobs"][i] if top_k and not error and "logprobs" in batch else None
+        flat = flatten_logprobs(batch["generated_tokens"][i], logprobs, top_k) if _is_list(logprobs) else None
         for name, value in zip(LOGPROB_COLUMNS, flat or (None,) * len(LOGPROB_COLUMNS)):
             cols[name].append(value)
     return pa.table(cols, schema=SAMPLES)
@@ -132,6 +133,10 @@ def flatten_logprobs(token_ids: Any, logprobs: Any, top_k: int) -> tuple[list, l
         top_ids.append([t for _, t, _ in ranked])
         top_lps.append([float(lp) for _, _, lp in ranked])
     return ids, own, top_ids, top_lps
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple, np.ndarray))
 
 
 def _int_or_none(batch: dict[str, np.ndarray], key: str, i: int, error: str) -> int | None:

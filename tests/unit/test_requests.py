@@ -94,3 +94,14 @@ def test_resume_skips_written_samples(task, tokenizer):
 def test_sampling_params_stop_and_logprobs():
     params = sampling_params(TeacherConfig(stop=["\n"], logprobs=5), 0)
     assert params["stop"] == ["\n"] and params["logprobs"] == 5
+
+
+def test_parse_outputs_without_logprobs_leaves_columns_null(task):
+    batch = {
+        "id": np.array(["1"]), "query": np.array(["q"]), "gold": np.array([None]), "sample_index": np.array([0]),
+        "generated_text": np.array([" Spanish"]), "generated_tokens": np.array([[3, 4]], dtype=object),
+        "logprobs": np.array([np.float32("nan")], dtype=object),  # what Ray hands over when none were asked for
+        "num_input_tokens": np.array([9]), "num_generated_tokens": np.array([2]),
+    }
+    row = parse_outputs(batch, task=task, teacher_model="m", top_k=0).to_pylist()[0]
+    assert row["token_ids"] is None and row["top_logprobs"] is None and row["label"] == "es"
