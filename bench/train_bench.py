@@ -1,0 +1,196 @@
+"""Student training speed and memory, side by side in one run on one machine:
+
+  * ``raydistill train`` with 2 Ray Train workers (1 core each) under DDP (ZeRO-0), ZeRO-2 and
+    ZeRO-3, PEFT LoRA (r16 on q/k/v/o) — the shipped setup;
+  * a plain single-process transformers + PEFT loop on both cores (HF forward with labels,
+    padding to the longest row, torch AdamW): the same model, data, effective batch and steps;
+  * memory: full fine-tuning under DDP vs ZeRO-3 (LoRA's trainable state is too small for
+    ZeRO's sharding to show), peak RSS per worker.
+
+Model: SmolLM2-135M-Instruct (fp32). Data: the built-in langid train queries with their gold
+answers as hand-made valid samples (the train stage reads only the samples contract).
+
+    scripts/loopback-only .venv/bin/python bench/train_bench.py
+
+Writes ``bench/results/train.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+MODEL = "builtin:smollm2-135m-instruct"
+WORKERS, BATCH = 2, 8
+
+
+def write_samples(folder: Path) -> int:
+    from raydistill.data.builtin import build_langid_demo
+    from raydistill.schema import SAMPLES
+    from raydistill.tasks.task import load_task
+
+    task = load_task("langid")
+    rows = build_langid_demo()["train"]
+    n = len(rows)
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({
+        "id": [r["id"] for r in rows], "query": [r["text"] for r in rows], "gold": [r["gold"] for r in rows],
+        "sample_index": [0] * n, "prompt_sha256": [task.prompt_sha256] * n, "teacher_model": ["gold"] * n,
+        "response": [f" {task.labels[r['gold']]}." for r in rows], "label": [r["gold"] for r in rows],
+        "valid": [True] * n, "reject_reason": [None] * n, "num_input_tokens": [0] * n, "num_output_tokens": [0] * n,
+        **{c: [None] * n for c in ("token_ids", "token_logprobs", "top_token_ids", "top_logprobs")},
+    }, schema=SAMPLES), folder / "part-0.parquet")
+    return n
+
+
+def run_raydistill(work: Path, name: str, steps: int, **train) -> dict:
+    run = work / name
+    write_samples(run / "samples")
+    config = {"run_dir": str(run), "queries": {"train_path": "builtin:langid-demo/train", "eval_path": "builtin:langid-demo/eval"},
+              "train": {"student_model": MODEL, "num_workers": WORKERS, "batch_size_per_worker": BATCH, "max_steps": steps,
+                        "log_every": 1, "val_fraction": 0.0, "learning_rate": 1e-4, **train},
+              "cluster": {"num_cpus": 4}}
+    cfg = work / f"{name}.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "raydistill", "train", str(cfg)], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    counts = json.loads((run / "student" / "_manifest.json").read_text())["counts"]
+    rows = [json.loads(line) for line in (run / "student" / "metrics.jsonl").read_text().splitlines()]
+    # steady state: tokens/s after the first step (which includes warm-up allocations)
+    return {"end_to_end_s": time.time() - t0, "steps": counts["steps"],
+            "tokens_per_s": WORKERS * rows[-1]["tokens_per_s_worker"], "train_wall_s": counts["train_wall_s"],
+            "peak_rss_mb_worker": counts["peak_rss_mb_worker0"],
+            "peak_rss_above_start_mb_worker": counts["peak_rss_above_start_mb_worker0"]}
+
+
+def plain_loop(steps: int) -> dict:
+    """The plain library loop, in this process: transformers + PEFT + torch AdamW on all cores."""
+    import psutil
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raydistill.data.builtin import build_langid_demo
+    from raydistill.models import resolve_model
+    from raydistill.render import render_completion, render_prompt
+    from raydistill.tasks.task import TaskSpec, load_task
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    rss0 = psutil.Process().memory_info().rss / 2**20
+    path = resolve_model(MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                           LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      task_type="CAUSAL_LM"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    task = load_task("langid")
+    rows = build_langid_demo()["train"]
+    batch_size = WORKERS * BATCH
+    texts = []
+    for r in rows[: steps * batch_size]:
+        msgs = TaskSpec.student_messages(r["text"])
+        prompt = render_prompt(tokenizer, msgs)
+        texts.append((prompt, render_completion(tokenizer, msgs, task.labels[r["gold"]])))
+    tokens, t_first = 0, None
+    started = time.time()
+    for step in range(steps):
+        chunk = texts[step * batch_size : (step + 1) * batch_size]
+        ids = [tokenizer(p + a, add_special_tokens=False)["input_ids"] for p, a in chunk]
+        n_prompt = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p, _ in chunk]
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), tokenizer.pad_token_id)
+        labels = torch.full((len(ids), width), -100)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, (x, k) in enumerate(zip(ids, n_prompt)):
+            input_ids[i, : len(x)] = torch.tensor(x)
+            labels[i, k : len(x)] = torch.tensor(x[k:])
+            mask[i, : len(x)] = 1
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step == 0:
+            t_first = time.time()
+        else:
+            tokens += int(mask.sum())
+    wall = time.time() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"steps": steps, "tokens_per_s": tokens / (time.time() - t_first), "train_wall_s": wall,
+            "peak_rss_mb_worker": peak, "peak_rss_above_start_mb_worker": peak - rss0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--memory-steps", type=int, default=3)
+    parser.add_argument("--worker", choices=["plain"])
+    args = parser.parse_args()
+    if args.worker == "plain":
+        print(json.dumps(plain_loop(args.steps)))  # noqa: T201
+        return
+    work = Path(tempfile.mkdtemp(prefix="rd-bench-train-"))
+    results: dict[str, dict] = {}
+    proc = subprocess.run([sys.executable, __file__, "--worker", "plain", "--steps", str(args.steps)], cwd=REPO,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    results["plain transformers+PEFT (1 process, 2 threads)"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for stage in (0, 2, 3):
+        results[f"raydistill LoRA ZeRO-{stage}"] = run_raydistill(work, f"lora-z{stage}", args.steps, zero_stage=stage)
+        print(f"[bench] lora z{stage}: {results[f'raydistill LoRA ZeRO-{stage}']}", file=sys.stderr, flush=True)  # noqa: T201
+    for stage in (0, 3):
+        results[f"raydistill full FT ZeRO-{stage}"] = run_raydistill(work, f"full-z{stage}", args.memory_steps,
+                                                                    zero_stage=stage, method="full", learning_rate=1e-5)
+        print(f"[bench] full z{stage}: {results[f'raydistill full FT ZeRO-{stage}']}", file=sys.stderr, flush=True)  # noqa: T201
+    write(results, args)
+
+
+def write(results: dict[str, dict], args: argparse.Namespace) -> None:
+    import deepspeed
+    import torch
+
+    plain = results["plain transformers+PEFT (1 process, 2 threads)"]
+    cores = 2
+    ratios = {f"{k}: tokens/s per core vs plain": (v["tokens_per_s"] / cores) / (plain["tokens_per_s"] / cores)
+              for k, v in results.items() if k.startswith("raydistill LoRA")}
+    full0, full3 = results["raydistill full FT ZeRO-0"], results["raydistill full FT ZeRO-3"]
+    ratios["full FT peak RSS per worker, ZeRO-3 / DDP"] = full3["peak_rss_mb_worker"] / full0["peak_rss_mb_worker"]
+    ratios["full FT peak RSS above start per worker, ZeRO-3 / DDP"] = (
+        full3["peak_rss_above_start_mb_worker"] / full0["peak_rss_above_start_mb_worker"])
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "model": MODEL, "workers": WORKERS,
+            "batch_per_worker": BATCH, "steps": args.steps, "memory_steps": args.memory_steps}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "train.json").write_text(json.dumps({"meta": meta, "results": results, "ratios": ratios}, indent=2))
+    lines = ["# Training benchmark", "", f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, deepspeed "
+             f"{meta['deepspeed']}, {MODEL}, fp32, {WORKERS} workers x batch {BATCH} (plain loop: batch "
+             f"{WORKERS * BATCH} in one process), {args.steps} steps (full FT: {args.memory_steps}).", "",
+             "| run | tokens/s | tokens/s per core | peak RSS per worker (MB) | peak RSS above start (MB) |",
+             "|---|---:|---:|---:|---:|"]
+    for k, v in results.items():
+        lines.append(f"| {k} | {v['tokens_per_s']:.0f} | {v['tokens_per_s'] / cores:.0f} | {v['peak_rss_mb_worker']:.0f} | "
+                     f"{v['peak_rss_above_start_mb_worker']:.0f} |")
+    lines += ["", "| ratio | value |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
+    (RESULTS / "train.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
