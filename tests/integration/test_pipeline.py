@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pyarrow.parquet as pq
 import pytest
@@ -61,7 +62,11 @@ def ray_head(tmp: Path):
 
     dashboard = free_port()
     venv_bin = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Ray 2.60 turns on token auth for a head when a token exists (~/.ray/auth_token) but clients
+    # send it only with RAY_AUTH_MODE=token; this throwaway head lives in a loopback-only network
+    # namespace, so auth is off for it and its clients alike.
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     log = (tmp / "ray-head.log").open("w")
     head = subprocess.Popen(
@@ -102,7 +107,8 @@ def finished_run(tiny_model, tmp_path_factory):
             ["ray", "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", ".",
              "--runtime-env", "jobs/runtime_env_cpu.yaml", "--", "python", "-m", "jobs.run", str(config)],
             capture_output=True, text=True, timeout=1500, cwd=REPO, env=env)
-        status = JobSubmissionClient(address).get_job_status(job_id)
+        with mock.patch.dict(os.environ, {"RAY_AUTH_MODE": "disabled"}):
+            status = JobSubmissionClient(address).get_job_status(job_id)
         assert status == JobStatus.SUCCEEDED, f"{status}: {proc.stdout[-4000:]} {proc.stderr[-2000:]}"
     return tmp / "run", proc, tiny_model
 
