@@ -270,8 +270,9 @@ from vllm import LLM, SamplingParams
 llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=256, seed=0,
           kv_cache_memory_bytes=2**28)
 outs = llm.generate(json.loads(sys.argv[2]), SamplingParams(temperature=0.0, max_tokens=6, logprobs=1), use_tqdm=False)
-print(json.dumps([[list(o.outputs[0].token_ids), [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]]
-                  for o in outs]))
+print("RESULT " + json.dumps([[list(o.outputs[0].token_ids),
+                              [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]]
+                             for o in outs]), flush=True)
 """
 
 
@@ -291,7 +292,7 @@ def test_merged_student_answers_the_same_in_vllm_and_transformers(finished_run):
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    vllm_out = json.loads(proc.stdout.strip().splitlines()[-1])
+    vllm_out = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     for prompt, (v_ids, v_lps) in zip(prompts, vllm_out):
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
