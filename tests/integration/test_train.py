@@ -48,11 +48,19 @@ def write_samples(folder: Path, n: int) -> None:
 
 
 def checkpoint_steps(run: Path) -> list[int]:
-    steps = []
-    for state in (run / "ray_train" / "train").glob("checkpoint_*/loop_state.json"):
-        with contextlib.suppress(OSError, ValueError):  # being written
-            steps.append(json.loads(state.read_text())["step"])
-    return sorted(steps)
+    """Steps of the checkpoints Ray Train has committed (listed in its manager snapshot); a
+    folder on disk that is still being reported by the workers does not count yet."""
+    experiment = run / "ray_train" / "train"
+    snapshot = experiment / "checkpoint_manager_snapshot.json"
+    with contextlib.suppress(OSError):
+        committed = snapshot.read_text()
+        steps = []
+        for state in experiment.glob("checkpoint_*/loop_state.json"):
+            if state.parent.name in committed:
+                with contextlib.suppress(OSError, ValueError):
+                    steps.append(json.loads(state.read_text())["step"])
+        return sorted(steps)
+    return []
 
 
 def wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
@@ -98,7 +106,8 @@ def faulted_run(tmp_path_factory):
                    if "RayTrainWorker" in " ".join(p.cmdline())]
         assert len(workers) == 2, [p.cmdline() for p in workers]
         workers[-1].kill()  # one of this run's own worker processes, by pid
-        first = checkpoint_steps(run)[-1]
+        time.sleep(1)
+        first = checkpoint_steps(run)[-1]  # no checkpoint can be committed with a worker gone
         wait_for(lambda: checkpoint_steps(run) and checkpoint_steps(run)[-1] > first, driver, log1, 600,
                  "a checkpoint after the worker restart")
     finally:
