@@ -152,6 +152,7 @@ def main() -> None:
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     results["plain transformers+PEFT (1 process, 2 threads)"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"[bench] plain: {results['plain transformers+PEFT (1 process, 2 threads)']}", file=sys.stderr, flush=True)  # noqa: T201
     for stage in (0, 2, 3):
         results[f"raydistill LoRA ZeRO-{stage}"] = run_raydistill(work, f"lora-z{stage}", args.steps, zero_stage=stage)
         print(f"[bench] lora z{stage}: {results[f'raydistill LoRA ZeRO-{stage}']}", file=sys.stderr, flush=True)  # noqa: T201
