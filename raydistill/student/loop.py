@@ -82,6 +82,20 @@ def _to_device(arrays: dict[str, np.ndarray], device: Any) -> dict[str, Any]:
     return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
 
 
+def train_step(engine: Any, batch: dict[str, np.ndarray], pad_id: int, kl_weight: float) -> tuple[float, int]:
+    """One micro-batch through a DeepSpeed engine: forward, backward, and the optimizer step
+    (DeepSpeed applies it only at gradient-accumulation boundaries). Returns the loss and the
+    number of real (unpadded) tokens. Free of Ray, so GPU checks run it as it is."""
+    from raydistill.student.examples import collate
+    from raydistill.student.loss import answer_only_loss
+
+    arrays = collate(batch, pad_id)
+    loss = answer_only_loss(engine.module, **_to_device(arrays, engine.device), kl_weight=kl_weight)
+    engine.backward(loss)
+    engine.step()
+    return float(loss.detach()), int(arrays["attention_mask"].sum())
+
+
 def evaluate_loss(engine: Any, shard: Any, train: dict[str, Any], pad_id: int) -> float | None:
     """Mean answer-token loss over the validation split, summed across workers."""
     import torch
@@ -136,8 +150,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from raydistill.student.examples import bucket_batches, collate
-    from raydistill.student.loss import answer_only_loss
+    from raydistill.student.examples import bucket_batches
 
     train: dict[str, Any] = loop_config["train"]
     ctx = ray.train.get_context()
@@ -193,13 +206,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             local_shuffle_seed=train["seed"] + epoch + resumed_at,
         )
         for batch in (b for chunk in chunks for b in bucket_batches(chunk, train["batch_size_per_worker"], rng)):
-            arrays = collate(batch, pad_id)
-            loss = answer_only_loss(engine.module, **_to_device(arrays, engine.device), kl_weight=train["kl_weight"])
-            engine.backward(loss)
-            engine.step()
+            loss, batch_tokens = train_step(engine, batch, pad_id, train["kl_weight"])
             micro += 1
-            tokens += int(arrays["attention_mask"].sum())
-            losses.append(float(loss.detach()))
+            tokens += batch_tokens
+            losses.append(loss)
             if micro % train["gradient_accumulation_steps"]:
                 continue
             step += 1
