@@ -5,7 +5,9 @@
   * a plain single-process transformers + PEFT loop on both cores (HF forward with labels,
     padding to the longest row, torch AdamW): the same model, data, effective batch and steps;
   * memory: full fine-tuning under DDP vs ZeRO-3 (LoRA's trainable state is too small for
-    ZeRO's sharding to show), peak RSS per worker.
+    ZeRO's sharding to show), peak RSS of worker 0 while training (before the export) and its
+    growth above the RSS before the model was built (the imports of Ray/torch/DeepSpeed are
+    ~1 GB that no ZeRO stage can shard).
 
 Model: SmolLM2-135M-Instruct (fp32). Data: the built-in langid train queries with their gold
 answers as hand-made valid samples (the train stage reads only the samples contract).
@@ -75,8 +77,10 @@ def run_raydistill(work: Path, name: str, steps: int, **train) -> dict:
     # steady state: tokens/s after the first step (which includes warm-up allocations)
     return {"end_to_end_s": time.time() - t0, "steps": counts["steps"],
             "tokens_per_s": WORKERS * rows[-1]["tokens_per_s_worker"], "train_wall_s": counts["train_wall_s"],
-            "peak_rss_mb_worker": counts["peak_rss_mb_worker0"],
-            "peak_rss_above_start_mb_worker": counts["peak_rss_above_start_mb_worker0"]}
+            # training peaks: read before the export, which gathers and reloads whole models on rank 0
+            "peak_rss_mb_worker": counts["peak_rss_training_mb_worker0"],
+            "peak_rss_above_start_mb_worker": counts["peak_rss_training_above_start_mb_worker0"],
+            "peak_rss_with_export_mb_worker": counts["peak_rss_mb_worker0"]}
 
 
 def plain_loop(steps: int) -> dict:
@@ -156,6 +160,7 @@ def main() -> None:
     for stage in (0, 2, 3):
         results[f"raydistill LoRA ZeRO-{stage}"] = run_raydistill(work, f"lora-z{stage}", args.steps, zero_stage=stage)
         print(f"[bench] lora z{stage}: {results[f'raydistill LoRA ZeRO-{stage}']}", file=sys.stderr, flush=True)  # noqa: T201
+        (work / "partial-results.json").write_text(json.dumps(results, indent=2))  # survives a crash of a later part
     for stage in (0, 3):
         results[f"raydistill full FT ZeRO-{stage}"] = run_raydistill(work, f"full-z{stage}", args.memory_steps,
                                                                     zero_stage=stage, method="full", learning_rate=1e-5)

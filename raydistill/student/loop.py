@@ -50,30 +50,48 @@ def lr_lambda(total_steps: int, warmup_steps: int):
 
 
 def build_model(model_path: str, train: dict[str, Any]) -> Any:
+    """The student, loaded in the training dtype. Under ZeRO-3 the weights are partitioned as
+    they load (``deepspeed.zero.Init`` through transformers' DeepSpeed integration), so no rank
+    ever holds the whole model: without it every worker would first materialise all of it."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    model.config.use_cache = False
-    if train["method"] == "full":
-        return model
-    from peft import LoraConfig, get_peft_model
+    dtype = torch.bfloat16 if train["dtype"] == "bf16" else torch.float32
+    # transformers keeps only a weak reference: the object must stay alive while loading.
+    zero3 = HfDeepSpeedConfig(deepspeed_config(train)) if train["zero_stage"] == 3 else None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        model.config.use_cache = False
+        if train["method"] == "full":
+            return model
+        from peft import LoraConfig, get_peft_model
 
-    targets = train["lora_target_modules"]
-    lora = LoraConfig(
-        r=train["lora_rank"],
-        lora_alpha=train["lora_alpha"],
-        lora_dropout=train["lora_dropout"],
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora)
+        targets = train["lora_target_modules"]
+        lora = LoraConfig(
+            r=train["lora_rank"],
+            lora_alpha=train["lora_alpha"],
+            lora_dropout=train["lora_dropout"],
+            target_modules="all-linear" if targets == ["all-linear"] else targets,
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, lora)
+    finally:
+        if zero3 is not None:
+            # Later loads (the rank-0 merge at export) must be plain, not collective.
+            unset_hf_deepspeed_config()
 
 
 def _rss_mb() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _to_device(arrays: dict[str, np.ndarray], device: Any) -> dict[str, Any]:
@@ -246,16 +264,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 break
 
     train_wall = time.time() - started
+    peak_train = _peak_rss_mb()  # before the export, which gathers and reloads whole models
     export(engine, loop_config, rank)
     if rank == 0:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        peak = _peak_rss_mb()
         summary = {"steps": step, "resumed_from_step": resumed_at, "tokens_worker0": tokens,
                    "wall_time_s": round(time.time() - started, 2), "final_eval_loss": row.get("eval_loss"),
                    "train_wall_s": round(train_wall, 2),
                    "tokens_per_s_worker0": round((tokens - tokens_at_start) / max(1e-9, train_wall), 2),
-                   "peak_rss_mb_worker0": round(peak, 1), "peak_rss_above_start_mb_worker0": round(peak - rss_before_model, 1)}
+                   "peak_rss_mb_worker0": round(peak, 1), "peak_rss_above_start_mb_worker0": round(peak - rss_before_model, 1),
+                   "peak_rss_training_mb_worker0": round(peak_train, 1),
+                   "peak_rss_training_above_start_mb_worker0": round(peak_train - rss_before_model, 1)}
         Path(loop_config["export_dir"], "train_summary.json").write_text(json.dumps(summary))
 
 

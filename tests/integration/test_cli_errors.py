@@ -128,3 +128,52 @@ def test_interrupted_output_needs_resume_or_overwrite(tmp_path):
     proc = run_cli("generate", str(config(tmp_path)))
     assert proc.returncode == 2 and "--resume" in proc.stderr and "interrupted" in proc.stderr
     assert (partial / "part.parquet").read_bytes() == b"half"
+
+
+def write_samples(run: Path, *, valid: bool = True, rows: int = 8) -> Path:
+    """A samples folder as `raydistill generate` writes it (the SAMPLES schema)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raydistill.schema import SAMPLES
+
+    data: dict[str, list] = {name: [None] * rows for name in SAMPLES.names}
+    data.update(id=[f"q{i}" for i in range(rows)], query=["hello there"] * rows, sample_index=[0] * rows,
+                prompt_sha256=["0" * 64] * rows, teacher_model=["t"] * rows, response=[" English"] * rows,
+                label=["en" if valid else None] * rows, valid=[valid] * rows,
+                reject_reason=[None if valid else "no_label"] * rows)
+    samples = run / "samples"
+    samples.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pydict(data, schema=SAMPLES), samples / "part-0.parquet")
+    return samples
+
+
+@pytest.mark.parametrize(
+    "case,train,needles",
+    [
+        ("no_valid_rows", {}, ["no valid rows", "teacher prompt"]),
+        ("wrong_schema", {}, ["missing column(s)", "'valid'", "raydistill generate"]),
+        ("missing_lora_target", {"lora_target_modules": ["q_proj", "nope_proj"]}, ["['nope_proj'] not found", "all-linear"]),
+        ("longer_than_context", {"max_seq_len": 100_000}, ["longer than the student's context (2048", "lower train.max_seq_len"]),
+    ],
+)
+def test_bad_training_input_fails_before_training(tmp_path, tiny_model, case, train, needles):
+    run = tmp_path / "run"
+    if case == "wrong_schema":  # e.g. a query file copied where the samples belong
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        (run / "samples").mkdir(parents=True)
+        pq.write_table(pa.table({"id": ["a"], "text": ["hello"]}), run / "samples" / "part-0.parquet")
+    else:
+        write_samples(run, valid=case != "no_valid_rows")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    cfg = config(tmp_path, train={"student_model": tiny_model, **train})
+    proc = run_cli("train", str(cfg))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("raydistill: error:")]
+    assert len(error_lines) == 1, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in error_lines[0], error_lines[0]
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # no student, no checkpoints, samples kept
