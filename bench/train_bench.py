@@ -38,6 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 MODEL = "builtin:smollm2-135m-instruct"
 WORKERS, BATCH = 2, 8
+PLAIN = "plain transformers+PEFT (1 process, 2 threads)"
+PARTS = ["plain", "lora-z0", "lora-z2", "lora-z3", "full-z0", "full-z3"]
 
 
 def write_samples(folder: Path) -> int:
@@ -144,35 +146,45 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--memory-steps", type=int, default=3)
+    parser.add_argument("--parts", default=",".join(PARTS), help="a subset re-runs those rows into the committed results")
     parser.add_argument("--worker", choices=["plain"])
     args = parser.parse_args()
     if args.worker == "plain":
         print(json.dumps(plain_loop(args.steps)))  # noqa: T201
         return
     work = Path(tempfile.mkdtemp(prefix="rd-bench-train-"))
+    parts = args.parts.split(",")
     results: dict[str, dict] = {}
-    proc = subprocess.run([sys.executable, __file__, "--worker", "plain", "--steps", str(args.steps)], cwd=REPO,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
-    results["plain transformers+PEFT (1 process, 2 threads)"] = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"[bench] plain: {results['plain transformers+PEFT (1 process, 2 threads)']}", file=sys.stderr, flush=True)  # noqa: T201
-    for stage in (0, 2, 3):
-        results[f"raydistill LoRA ZeRO-{stage}"] = run_raydistill(work, f"lora-z{stage}", args.steps, zero_stage=stage)
-        print(f"[bench] lora z{stage}: {results[f'raydistill LoRA ZeRO-{stage}']}", file=sys.stderr, flush=True)  # noqa: T201
+    rerun_of: dict[str, str] = {}
+    if parts != PARTS:  # a partial re-run: keep the other rows of the committed results, and say so
+        previous = json.loads((RESULTS / "train.json").read_text())
+        results = previous["results"]
+        rerun_of = previous["meta"].get("rows_measured_at") or {k: previous["meta"]["date"] for k in results}
+    for part in parts:
+        if part == "plain":
+            proc = subprocess.run([sys.executable, __file__, "--worker", "plain", "--steps", str(args.steps)], cwd=REPO,
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr[-3000:])
+            key, value = PLAIN, json.loads(proc.stdout.strip().splitlines()[-1])
+        else:
+            method, stage = part.split("-z")
+            key = f"raydistill {'LoRA' if method == 'lora' else 'full FT'} ZeRO-{stage}"
+            extra = {} if method == "lora" else {"method": "full", "learning_rate": 1e-5}
+            value = run_raydistill(work, part, args.steps if method == "lora" else args.memory_steps,
+                                   zero_stage=int(stage), **extra)
+        results[key] = value
+        rerun_of[key] = time.strftime("%Y-%m-%d %H:%M")
+        print(f"[bench] {key}: {value}", file=sys.stderr, flush=True)  # noqa: T201
         (work / "partial-results.json").write_text(json.dumps(results, indent=2))  # survives a crash of a later part
-    for stage in (0, 3):
-        results[f"raydistill full FT ZeRO-{stage}"] = run_raydistill(work, f"full-z{stage}", args.memory_steps,
-                                                                    zero_stage=stage, method="full", learning_rate=1e-5)
-        print(f"[bench] full z{stage}: {results[f'raydistill full FT ZeRO-{stage}']}", file=sys.stderr, flush=True)  # noqa: T201
-    write(results, args)
+    write({k: results[k] for k in [PLAIN, *[k for k in results if k != PLAIN]]}, args, rerun_of)
 
 
-def write(results: dict[str, dict], args: argparse.Namespace) -> None:
+def write(results: dict[str, dict], args: argparse.Namespace, measured_at: dict[str, str]) -> None:
     import deepspeed
     import torch
 
-    plain = results["plain transformers+PEFT (1 process, 2 threads)"]
+    plain = results[PLAIN]
     cores = 2
     ratios = {f"{k}: tokens/s per core vs plain": (v["tokens_per_s"] / cores) / (plain["tokens_per_s"] / cores)
               for k, v in results.items() if k.startswith("raydistill LoRA")}
@@ -182,17 +194,18 @@ def write(results: dict[str, dict], args: argparse.Namespace) -> None:
         full3["peak_rss_above_start_mb_worker"] / full0["peak_rss_above_start_mb_worker"])
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "torch": torch.__version__, "deepspeed": deepspeed.__version__, "model": MODEL, "workers": WORKERS,
-            "batch_per_worker": BATCH, "steps": args.steps, "memory_steps": args.memory_steps}
+            "batch_per_worker": BATCH, "steps": args.steps, "memory_steps": args.memory_steps,
+            "rows_measured_at": measured_at}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train.json").write_text(json.dumps({"meta": meta, "results": results, "ratios": ratios}, indent=2))
     lines = ["# Training benchmark", "", f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, deepspeed "
              f"{meta['deepspeed']}, {MODEL}, fp32, {WORKERS} workers x batch {BATCH} (plain loop: batch "
              f"{WORKERS * BATCH} in one process), {args.steps} steps (full FT: {args.memory_steps}).", "",
-             "| run | tokens/s | tokens/s per core | peak RSS per worker (MB) | peak RSS above start (MB) |",
-             "|---|---:|---:|---:|---:|"]
+             "| run | tokens/s | tokens/s per core | peak RSS per worker (MB) | peak RSS above start (MB) | measured |",
+             "|---|---:|---:|---:|---:|---|"]
     for k, v in results.items():
         lines.append(f"| {k} | {v['tokens_per_s']:.0f} | {v['tokens_per_s'] / cores:.0f} | {v['peak_rss_mb_worker']:.0f} | "
-                     f"{v['peak_rss_above_start_mb_worker']:.0f} |")
+                     f"{v['peak_rss_above_start_mb_worker']:.0f} | {measured_at.get(k, meta['date'])} |")
     lines += ["", "| ratio | value |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
     (RESULTS / "train.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))  # noqa: T201

@@ -23,14 +23,23 @@ logger = logging.getLogger(__name__)
 BUCKET_BATCHES = 16
 
 
-def deepspeed_config(train: dict[str, Any]) -> dict[str, Any]:
+def deepspeed_config(train: dict[str, Any], hidden_size: int | None = None) -> dict[str, Any]:
     """The DeepSpeed config for one run (pure). The optimizer is a client AdamW: a DeepSpeed
-    "optimizer" block would JIT-compile CPU Adam for minutes on CPU machines."""
+    "optimizer" block would JIT-compile CPU Adam for minutes on CPU machines.
+
+    With the model's ``hidden_size``, ZeRO-3's buffers are sized to the model (the rule
+    transformers' Trainer applies for "auto"). DeepSpeed's defaults are fixed: a 5e8-element
+    reduce bucket alone is 2 GB in fp32 per rank, more than a small student's whole state."""
+    zero: dict[str, Any] = {"stage": train["zero_stage"]}
+    if hidden_size and train["zero_stage"] == 3:
+        zero.update(reduce_bucket_size=hidden_size * hidden_size,
+                    stage3_prefetch_bucket_size=int(0.9 * hidden_size * hidden_size),
+                    stage3_param_persistence_threshold=10 * hidden_size)
     return {
         "train_micro_batch_size_per_gpu": train["batch_size_per_worker"],
         "gradient_accumulation_steps": train["gradient_accumulation_steps"],
         "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": train["zero_stage"]},
+        "zero_optimization": zero,
         "bf16": {"enabled": train["dtype"] == "bf16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -188,8 +197,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     total_steps = loop_config["total_steps"]
     warmup = int(train["warmup_ratio"] * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
+    hidden = getattr(model.config, "hidden_size", None)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(train)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(train, hidden)
     )
     metrics_path = Path(loop_config["metrics_path"])
     step, first_epoch, tokens = 0, 0, 0

@@ -1,0 +1,41 @@
+"""The DeepSpeed config and learning-rate schedule of the training loop (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from raydistill.config import TrainConfig
+from raydistill.student.loop import deepspeed_config, lr_lambda
+
+
+def settings(**overrides):
+    return TrainConfig(**overrides).model_dump()
+
+
+def test_zero3_buffers_follow_the_model_size():
+    zero = deepspeed_config(settings(zero_stage=3), hidden_size=576)["zero_optimization"]
+    assert zero == {"stage": 3, "reduce_bucket_size": 576 * 576, "stage3_prefetch_bucket_size": int(0.9 * 576 * 576),
+                    "stage3_param_persistence_threshold": 5760}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_other_stages_keep_deepspeed_defaults(stage):
+    assert deepspeed_config(settings(zero_stage=stage), hidden_size=576)["zero_optimization"] == {"stage": stage}
+
+
+def test_batch_accumulation_and_dtype():
+    cfg = deepspeed_config(settings(batch_size_per_worker=4, gradient_accumulation_steps=3, dtype="bf16"))
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (4, 3)
+    assert cfg["bf16"] == {"enabled": True}
+    assert deepspeed_config(settings())["bf16"] == {"enabled": False}
+    assert "optimizer" not in cfg  # a client AdamW: no DeepSpeed optimizer block to JIT-compile
+
+
+def test_warmup_then_cosine_to_ten_percent():
+    fn = lr_lambda(total_steps=100, warmup_steps=10)
+    assert fn(0) == pytest.approx(0.1) and fn(9) == pytest.approx(1.0)
+    assert fn(10) == pytest.approx(1.0)
+    assert fn(55) == pytest.approx(0.55)
+    assert fn(100) == pytest.approx(0.1) and fn(500) == pytest.approx(0.1)
+    values = [fn(s) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
