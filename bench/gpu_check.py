@@ -170,23 +170,18 @@ def run_plain(model_dir: Path, data: list[dict], pad_id: int, warmup: int) -> di
 
 
 def init_engine(model_dir: Path, train: dict[str, Any]) -> Any:
+    """The training stage's own engine builder, on a one-rank process group instead of Ray's."""
     import deepspeed
     import torch
 
-    from raydistill.student.loop import build_model, deepspeed_config, lr_lambda
+    from raydistill.student.loop import build_engine
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
     if device() == "cuda":
         torch.cuda.set_device(0)
     torch.distributed.init_process_group("nccl" if device() == "cuda" else "gloo")
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # as in the loop: no JIT build
-    model = build_model(str(model_dir), train)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train["learning_rate"], weight_decay=train["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(1000, 0))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(train))
-    return engine
+    return build_engine(str(model_dir), train, total_steps=1000)[0]
 
 
 def run_deepspeed(model_dir: Path, data: list[dict], pad_id: int, warmup: int, train: dict[str, Any]) -> dict[str, Any]:

@@ -91,6 +91,22 @@ def build_model(model_path: str, train: dict[str, Any]) -> Any:
             unset_hf_deepspeed_config()
 
 
+def build_engine(model_path: str, train: dict[str, Any], total_steps: int) -> tuple[Any, Any]:
+    """Student + client AdamW + warmup/cosine schedule, wrapped by DeepSpeed. Needs an initialised
+    torch.distributed group (Ray Train's, or any other) and nothing from Ray."""
+    import deepspeed
+    import torch
+
+    model = build_model(model_path, train)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train["learning_rate"], weight_decay=train["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, int(train["warmup_ratio"] * total_steps)))
+    hidden = getattr(model.config, "hidden_size", None)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(train, hidden))
+    return engine, scheduler
+
+
 def _rss_mb() -> float:
     import psutil
 
@@ -191,16 +207,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     rss_before_model = _rss_mb()
-    model = build_model(loop_config["model_path"], train)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train["learning_rate"], weight_decay=train["weight_decay"])
     total_steps = loop_config["total_steps"]
-    warmup = int(train["warmup_ratio"] * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
-    hidden = getattr(model.config, "hidden_size", None)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(train, hidden)
-    )
+    engine, scheduler = build_engine(loop_config["model_path"], train, total_steps)
     metrics_path = Path(loop_config["metrics_path"])
     step, first_epoch, tokens = 0, 0, 0
     checkpoint = ray.train.get_checkpoint()
