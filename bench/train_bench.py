@@ -78,7 +78,7 @@ def run_raydistill(work: Path, name: str, steps: int, **train) -> dict:
     rows = [json.loads(line) for line in (run / "student" / "metrics.jsonl").read_text().splitlines()]
     # steady state: tokens/s after the first step (which includes warm-up allocations)
     return {"end_to_end_s": time.time() - t0, "steps": counts["steps"],
-            "tokens_per_s": WORKERS * rows[-1]["tokens_per_s_worker"], "train_wall_s": counts["train_wall_s"],
+            "tokens_per_s": train.get("num_workers", WORKERS) * rows[-1]["tokens_per_s_worker"], "train_wall_s": counts["train_wall_s"],
             # training peaks: read before the export, which gathers and reloads whole models on rank 0
             "peak_rss_mb_worker": counts["peak_rss_training_mb_worker0"],
             "peak_rss_above_start_mb_worker": counts["peak_rss_training_above_start_mb_worker0"],
@@ -167,12 +167,18 @@ def main() -> None:
             if proc.returncode != 0:
                 raise RuntimeError(proc.stderr[-3000:])
             key, value = PLAIN, json.loads(proc.stdout.strip().splitlines()[-1])
-        else:
-            method, stage = part.split("-z")
-            key = f"raydistill {'LoRA' if method == 'lora' else 'full FT'} ZeRO-{stage}"
+        else:  # e.g. lora-z2, full-z3-gc (gradient checkpointing), full-z3-gc-w4 (4 workers)
+            method, stage, *flags = part.split("-")
+            workers = next((int(f[1:]) for f in flags if f.startswith("w")), WORKERS)
+            key = (f"raydistill {'LoRA' if method == 'lora' else 'full FT'} ZeRO-{stage[1:]}"
+                   + (", grad ckpt" if "gc" in flags else "") + (f", {workers} workers" if workers != WORKERS else ""))
             extra = {} if method == "lora" else {"method": "full", "learning_rate": 1e-5}
+            if "gc" in flags:
+                extra["gradient_checkpointing"] = True
+            if workers != WORKERS:  # same cores, shared: memory rows only
+                extra.update(num_workers=workers, cpus_per_worker=2 / workers)
             value = run_raydistill(work, part, args.steps if method == "lora" else args.memory_steps,
-                                   zero_stage=int(stage), **extra)
+                                   zero_stage=int(stage[1:]), **extra)
         results[key] = value
         rerun_of[key] = time.strftime("%Y-%m-%d %H:%M")
         print(f"[bench] {key}: {value}", file=sys.stderr, flush=True)  # noqa: T201

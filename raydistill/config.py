@@ -106,6 +106,9 @@ class TrainConfig(_Section):
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (smoke runs).")
     max_seq_len: int = Field(256, ge=8)
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each layer's activations in backward: ~1/3 more compute, activation memory of one layer."
+    )
     seed: int = 0
     log_every: int = Field(5, ge=1)
     val_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="Share of query ids held out for eval loss (0: none).")

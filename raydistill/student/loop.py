@@ -29,12 +29,18 @@ def deepspeed_config(train: dict[str, Any], hidden_size: int | None = None) -> d
 
     With the model's ``hidden_size``, ZeRO-3's buffers are sized to the model (the rule
     transformers' Trainer applies for "auto"). DeepSpeed's defaults are fixed: a 5e8-element
-    reduce bucket alone is 2 GB in fp32 per rank, more than a small student's whole state."""
+    reduce bucket alone is 2 GB in fp32 per rank, more than a small student's whole state.
+
+    The reuse distance matters most: ZeRO-3 keeps a gathered parameter whenever it is used again
+    within that many elements of the trace. The default (1e9) exceeds a whole forward+backward of
+    any model under ~0.5B parameters, so nothing is ever released and every rank holds the full
+    model. About one decoder layer (10·hidden²) releases each layer once it has run."""
     zero: dict[str, Any] = {"stage": train["zero_stage"]}
     if hidden_size and train["zero_stage"] == 3:
-        zero.update(reduce_bucket_size=hidden_size * hidden_size,
-                    stage3_prefetch_bucket_size=int(0.9 * hidden_size * hidden_size),
-                    stage3_param_persistence_threshold=10 * hidden_size)
+        h2 = hidden_size * hidden_size
+        zero.update(reduce_bucket_size=h2, stage3_prefetch_bucket_size=int(0.9 * h2),
+                    stage3_param_persistence_threshold=10 * hidden_size,
+                    stage3_max_live_parameters=10 * h2, stage3_max_reuse_distance=10 * h2)
     return {
         "train_micro_batch_size_per_gpu": train["batch_size_per_worker"],
         "gradient_accumulation_steps": train["gradient_accumulation_steps"],
@@ -72,6 +78,9 @@ def build_model(model_path: str, train: dict[str, Any]) -> Any:
     try:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         model.config.use_cache = False
+        if train["gradient_checkpointing"]:
+            # Non-reentrant: works with frozen inputs (LoRA) and with ZeRO-3's parameter hooks.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if train["method"] == "full":
             return model
         from peft import LoraConfig, get_peft_model

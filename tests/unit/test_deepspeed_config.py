@@ -15,7 +15,14 @@ def settings(**overrides):
 def test_zero3_buffers_follow_the_model_size():
     zero = deepspeed_config(settings(zero_stage=3), hidden_size=576)["zero_optimization"]
     assert zero == {"stage": 3, "reduce_bucket_size": 576 * 576, "stage3_prefetch_bucket_size": int(0.9 * 576 * 576),
-                    "stage3_param_persistence_threshold": 5760}
+                    "stage3_param_persistence_threshold": 5760, "stage3_max_live_parameters": 10 * 576 * 576,
+                    "stage3_max_reuse_distance": 10 * 576 * 576}
+
+
+def test_zero3_reuse_distance_is_below_a_small_models_size():
+    # SmolLM2-135M: above 2x its parameter count, ZeRO-3 would keep every gathered layer alive.
+    zero = deepspeed_config(settings(zero_stage=3), hidden_size=576)["zero_optimization"]
+    assert zero["stage3_max_reuse_distance"] < 134_515_008 / 10
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
