@@ -118,7 +118,7 @@ class TrainConfig(_Section):
     max_failures: int = Field(1, ge=-1, description="Worker-group restarts from the last checkpoint (-1: unlimited).")
     kl_weight: float = Field(0.0, ge=0.0, le=1.0, description="Weight of KL to the teacher's top-k logprobs (needs teacher.logprobs).")
     tracking: Literal["none", "mlflow"] = Field("none", description="Log metrics to MLflow through Ray's setup_mlflow.")
-    mlflow_tracking_uri: str | None = Field(None, description="MLflow server or file URI; default <run_dir>/mlruns.")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking server URI; default sqlite:///<run_dir>/mlflow.db.")
 
     @model_validator(mode="after")
     def _check_soft_targets(self) -> TrainConfig:

@@ -231,7 +231,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if train["tracking"] == "mlflow" and rank == 0:
         from ray.air.integrations.mlflow import setup_mlflow
 
+        # One MLflow run per worker-group start: a resumed run continues in a new MLflow run.
         tracker = setup_mlflow(config=train, tracking_uri=loop_config["mlflow_tracking_uri"], experiment_name="raydistill",
+                               tags={"run_dir": loop_config["run_dir"], "resumed_from_step": str(step)},
                                rank_zero_only=True)
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
@@ -291,6 +293,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 break
 
     train_wall = time.time() - started
+    if tracker is not None:
+        tracker.end_run()
     peak_train = _peak_rss_mb()  # before the export, which gathers and reloads whole models
     export(engine, loop_config, rank)
     if rank == 0:

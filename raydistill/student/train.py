@@ -92,6 +92,18 @@ def check_student_model(model_path: str, cfg: PipelineConfig) -> None:
                           f"{linear} (or use ['all-linear'])")
 
 
+def check_mlflow(tracking_uri: str) -> None:
+    """MLflow must import before workers start; a local SQLite store also needs SQLAlchemy and
+    Alembic (MLflow 3 refuses plain-folder stores), which ``mlflow-skinny`` alone lacks."""
+    needed = ["mlflow"] + (["sqlalchemy", "alembic"] if tracking_uri.startswith("sqlite:") else [])
+    import importlib.util
+
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"train.tracking=mlflow needs {', '.join(missing)}: pip install 'raydistill[tracking]' "
+                          "(or set train.tracking=none)")
+
+
 def train_storage(run_dir: Path, *, overwrite: bool, resume: bool) -> Path:
     """Ray Train's run storage (checkpoints). Checkpoints of an interrupted run are continued
     with ``resume``, dropped with ``overwrite``, and otherwise refused."""
@@ -137,12 +149,10 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
     task = load_task(cfg.task.name)
     model_path = resolve_model(cfg.train.student_model)
     check_student_model(model_path, cfg)
+    tracking_uri = None
     if cfg.train.tracking == "mlflow":
-        try:
-            import mlflow  # noqa: F401
-        except ImportError:
-            raise ConfigError("train.tracking=mlflow needs the mlflow package: pip install mlflow-skinny "
-                              "(or set train.tracking=none)") from None
+        tracking_uri = cfg.train.mlflow_tracking_uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+        check_mlflow(tracking_uri)
     storage = train_storage(run_dir, overwrite=overwrite, resume=resume)
     ray = init_ray(cfg.cluster)
     from ray.data.expressions import col
@@ -173,10 +183,11 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
     plan = plan_steps(n_examples - n_val, cfg)
     logger.info(
         "train: %d valid samples -> %d examples (%d dropped > max_seq_len=%d), %d held out for eval loss; "
-        "effective batch %d; %d steps/epoch; %d steps total; %d workers, ZeRO-%d, %s, %s%s",
+        "effective batch %d; %d steps/epoch; %d steps total; %d workers, ZeRO-%d, %s, %s%s%s",
         n_valid, n_examples, n_valid - n_examples, cfg.train.max_seq_len, n_val, plan["effective_batch"],
         plan["steps_per_epoch"], plan["total_steps"], cfg.train.num_workers, cfg.train.zero_stage,
         cfg.train.method, cfg.train.dtype, f", KL weight {cfg.train.kl_weight}" if soft else "",
+        ", gradient checkpointing" if cfg.train.gradient_checkpointing else "",
     )
     with staged_output(out_dir) as tmp:
         loop_config = {
@@ -187,7 +198,8 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
             "export_dir": str(tmp),
             "metrics_path": str(tmp / "metrics.jsonl"),
             "has_val": n_val > 0,
-            "mlflow_tracking_uri": cfg.train.mlflow_tracking_uri or (run_dir / "mlruns").as_uri(),
+            "mlflow_tracking_uri": tracking_uri,
+            "run_dir": str(run_dir),
         }
         resources = {"CPU": cfg.train.cpus_per_worker}
         trainer = TorchTrainer(

@@ -39,10 +39,12 @@ def write_config(tmp_path: Path, model: str, **sections) -> Path:
         "queries": {"train_path": "builtin:langid-demo/train", "eval_path": "builtin:langid-demo/eval"},
         "teacher": {"model": model, "dtype": "float32", "enforce_eager": True, "max_tokens": 4,
                     "max_rows": N_TRAIN, "kv_cache_gib": 0.25, "logprobs": 3},
-        # ZeRO-3 with soft targets: the KL path end to end (test_train.py covers ZeRO-2 and faults)
+        # ZeRO-3 with soft targets, gradient checkpointing and MLflow tracking, end to end
+        # (test_train.py covers ZeRO-2 and faults)
         "train": {"student_model": model, "num_workers": 2, "zero_stage": 3, "dtype": "fp32",
                   "batch_size_per_worker": 4, "max_steps": 4, "log_every": 1, "learning_rate": 1e-2,
-                  "target": "response", "kl_weight": 0.5, "val_fraction": 0.1},
+                  "target": "response", "kl_weight": 0.5, "val_fraction": 0.1, "gradient_checkpointing": True,
+                  "tracking": "mlflow"},
         "serve": {"dtype": "float32", "enforce_eager": True, "port": free_port(), "kv_cache_gib": 0.25},
         "eval": {"max_rows": N_EVAL, "max_tokens": 4, "concurrency": 8},
         "cluster": {"num_cpus": 4},
@@ -145,6 +147,21 @@ def test_student_exports_load_and_lora_changed_only_adapted_weights(finished_run
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-4)
+
+
+def test_training_metrics_reach_mlflow(finished_run):
+    from mlflow.tracking import MlflowClient
+
+    run, _, _ = finished_run
+    rows = [json.loads(line) for line in (run / "student" / "metrics.jsonl").read_text().splitlines()]
+    client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("raydistill")
+    (logged,) = client.search_runs([experiment.experiment_id])  # rank 0 only: one run
+    assert logged.info.status == "FINISHED" and logged.data.tags["resumed_from_step"] == "0"
+    assert logged.data.params["zero_stage"] == "3" and logged.data.params["gradient_checkpointing"] == "True"
+    history = client.get_metric_history(logged.info.run_id, "loss")
+    assert [(m.step, round(m.value, 6)) for m in history] == [(r["step"], round(r["loss"], 6)) for r in rows]
+    assert [m.step for m in client.get_metric_history(logged.info.run_id, "eval_loss")] == [4]
 
 
 def test_eval_results_report_and_table(finished_run):
