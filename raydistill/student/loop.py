@@ -19,6 +19,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+MLFLOW_EXPERIMENT = "raydistill"
 # Batches per length-sorted bucket: larger buckets pad less but mix lengths across steps less.
 BUCKET_BATCHES = 16
 
@@ -218,6 +219,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rss_before_model = _rss_mb()
     total_steps = loop_config["total_steps"]
     engine, scheduler = build_engine(loop_config["model_path"], train, total_steps)
+    memory = {"rss_before_model_mb": rss_before_model, "rss_after_engine_mb": _rss_mb(), "peak_rss_engine_mb": _peak_rss_mb()}
     metrics_path = Path(loop_config["metrics_path"])
     step, first_epoch, tokens = 0, 0, 0
     checkpoint = ray.train.get_checkpoint()
@@ -232,7 +234,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         from ray.air.integrations.mlflow import setup_mlflow
 
         # One MLflow run per worker-group start: a resumed run continues in a new MLflow run.
-        tracker = setup_mlflow(config=train, tracking_uri=loop_config["mlflow_tracking_uri"], experiment_name="raydistill",
+        tracker = setup_mlflow(config=train, tracking_uri=loop_config["mlflow_tracking_uri"], experiment_name=MLFLOW_EXPERIMENT,
+                               create_experiment_if_not_exists=True,
                                tags={"run_dir": loop_config["run_dir"], "resumed_from_step": str(step)},
                                rank_zero_only=True)
     shard = ray.train.get_dataset_shard("train")
@@ -255,6 +258,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for batch in (b for chunk in chunks for b in bucket_batches(chunk, train["batch_size_per_worker"], rng)):
             loss, batch_tokens = train_step(engine, batch, pad_id, train["kl_weight"])
             micro += 1
+            if micro == 1:  # activations, gradients and optimizer state now all exist once
+                memory.update(rss_after_first_step_mb=_rss_mb(), peak_rss_first_step_mb=_peak_rss_mb())
             tokens += batch_tokens
             losses.append(loss)
             if micro % train["gradient_accumulation_steps"]:
@@ -269,7 +274,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             row = {
                 "step": step, "epoch": epoch, "loss": sum(losses) / len(losses) if losses else None,
                 "lr": scheduler.get_last_lr()[0], "tokens_per_s_worker": (tokens - tokens_at_start) / elapsed,
-                "elapsed_s": round(elapsed, 2),
+                "elapsed_s": round(elapsed, 2), "peak_rss_mb": round(_peak_rss_mb(), 1), "rss_mb": round(_rss_mb(), 1),
             }
             losses.clear()
             if evaluate_now:
@@ -305,7 +310,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                    "tokens_per_s_worker0": round((tokens - tokens_at_start) / max(1e-9, train_wall), 2),
                    "peak_rss_mb_worker0": round(peak, 1), "peak_rss_above_start_mb_worker0": round(peak - rss_before_model, 1),
                    "peak_rss_training_mb_worker0": round(peak_train, 1),
-                   "peak_rss_training_above_start_mb_worker0": round(peak_train - rss_before_model, 1)}
+                   "peak_rss_training_above_start_mb_worker0": round(peak_train - rss_before_model, 1),
+                   "memory_phases_mb_worker0": {k: round(v, 1) for k, v in memory.items()}}
         Path(loop_config["export_dir"], "train_summary.json").write_text(json.dumps(summary))
 
 

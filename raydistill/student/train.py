@@ -27,7 +27,7 @@ from raydistill.outputs import check_output, staged_output
 from raydistill.runtime import init_ray
 from raydistill.schema import SAMPLES, parquet_files, require_columns
 from raydistill.student.examples import build_examples_batch
-from raydistill.student.loop import train_loop_per_worker
+from raydistill.student.loop import MLFLOW_EXPERIMENT, train_loop_per_worker
 from raydistill.tasks.task import load_task
 
 logger = logging.getLogger(__name__)
@@ -102,6 +102,15 @@ def check_mlflow(tracking_uri: str) -> None:
     if missing:
         raise ConfigError(f"train.tracking=mlflow needs {', '.join(missing)}: pip install 'raydistill[tracking]' "
                           "(or set train.tracking=none)")
+    from mlflow.tracking import MlflowClient
+
+    try:  # reach the store now, not in rank 0 after the workers have loaded the model
+        client = MlflowClient(tracking_uri)
+        if client.get_experiment_by_name(MLFLOW_EXPERIMENT) is None:
+            client.create_experiment(MLFLOW_EXPERIMENT)
+    except Exception as e:  # noqa: BLE001 - any store error means the same fix
+        raise ConfigError(f"train.mlflow_tracking_uri={tracking_uri} is not usable ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}); fix the URI or set train.tracking=none") from None
 
 
 def train_storage(run_dir: Path, *, overwrite: bool, resume: bool) -> Path:

@@ -155,6 +155,8 @@ def write_samples(run: Path, *, valid: bool = True, rows: int = 8) -> Path:
         ("wrong_schema", {}, ["missing column(s)", "'valid'", "raydistill generate"]),
         ("missing_lora_target", {"lora_target_modules": ["q_proj", "nope_proj"]}, ["['nope_proj'] not found", "all-linear"]),
         ("longer_than_context", {"max_seq_len": 100_000}, ["longer than the student's context (2048", "lower train.max_seq_len"]),
+        ("unusable_mlflow_store", {"tracking": "mlflow", "mlflow_tracking_uri": "nosuch://tracking"},
+         ["train.mlflow_tracking_uri=nosuch://tracking is not usable", "train.tracking=none"]),
     ],
 )
 def test_bad_training_input_fails_before_training(tmp_path, tiny_model, case, train, needles):
