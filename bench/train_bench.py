@@ -39,7 +39,12 @@ RESULTS = REPO / "bench" / "results"
 MODEL = "builtin:smollm2-135m-instruct"
 WORKERS, BATCH = 2, 8
 PLAIN = "plain transformers+PEFT (1 process, 2 threads)"
-PARTS = ["plain", "lora-z0", "lora-z2", "lora-z3", "full-z0", "full-z3"]
+PARTS = ["plain", "lora-z0", "lora-z2", "lora-z3", "full-z0", "full-z3", "full-z0-gc-m", "full-z3-gc-m", "full-z0-gc-m-w4",
+         "full-z3-gc-m-w4"]
+# glibc raises its mmap threshold after large frees and then keeps freed tensor memory in its
+# heaps; a fixed 1 MiB threshold returns it to the OS, so RSS shows what is actually live.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
+MALLOC_NOTE = "MALLOC_MMAP_THRESHOLD_=1MiB"
 
 
 def write_samples(folder: Path) -> int:
@@ -61,7 +66,7 @@ def write_samples(folder: Path) -> int:
     return n
 
 
-def run_raydistill(work: Path, name: str, steps: int, **train) -> dict:
+def run_raydistill(work: Path, name: str, steps: int, env: dict[str, str] | None = None, **train) -> dict:
     run = work / name
     write_samples(run / "samples")
     config = {"run_dir": str(run), "queries": {"train_path": "builtin:langid-demo/train", "eval_path": "builtin:langid-demo/eval"},
@@ -71,7 +76,8 @@ def run_raydistill(work: Path, name: str, steps: int, **train) -> dict:
     cfg = work / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump(config))
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "raydistill", "train", str(cfg)], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "raydistill", "train", str(cfg)], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     counts = json.loads((run / "student" / "_manifest.json").read_text())["counts"]
@@ -82,7 +88,10 @@ def run_raydistill(work: Path, name: str, steps: int, **train) -> dict:
             # training peaks: read before the export, which gathers and reloads whole models on rank 0
             "peak_rss_mb_worker": counts["peak_rss_training_mb_worker0"],
             "peak_rss_above_start_mb_worker": counts["peak_rss_training_above_start_mb_worker0"],
-            "peak_rss_with_export_mb_worker": counts["peak_rss_mb_worker0"]}
+            "peak_rss_with_export_mb_worker": counts["peak_rss_mb_worker0"],
+            # RSS after the last step: what stays resident between steps (the peak adds step transients)
+            "steady_rss_mb_worker": rows[-1].get("rss_mb"), "rss_by_step_mb_worker": [r.get("rss_mb") for r in rows],
+            "memory_phases_mb_worker": counts.get("memory_phases_mb_worker0")}
 
 
 def plain_loop(steps: int) -> dict:
@@ -167,18 +176,19 @@ def main() -> None:
             if proc.returncode != 0:
                 raise RuntimeError(proc.stderr[-3000:])
             key, value = PLAIN, json.loads(proc.stdout.strip().splitlines()[-1])
-        else:  # e.g. lora-z2, full-z3-gc (gradient checkpointing), full-z3-gc-w4 (4 workers)
+        else:  # e.g. lora-z2; full-z3-gc (gradient checkpointing), -m (glibc mmap threshold), -w4 (4 workers)
             method, stage, *flags = part.split("-")
             workers = next((int(f[1:]) for f in flags if f.startswith("w")), WORKERS)
             key = (f"raydistill {'LoRA' if method == 'lora' else 'full FT'} ZeRO-{stage[1:]}"
-                   + (", grad ckpt" if "gc" in flags else "") + (f", {workers} workers" if workers != WORKERS else ""))
+                   + (", grad ckpt" if "gc" in flags else "") + (f", {MALLOC_NOTE}" if "m" in flags else "")
+                   + (f", {workers} workers" if workers != WORKERS else ""))
             extra = {} if method == "lora" else {"method": "full", "learning_rate": 1e-5}
             if "gc" in flags:
                 extra["gradient_checkpointing"] = True
             if workers != WORKERS:  # same cores, shared: memory rows only
                 extra.update(num_workers=workers, cpus_per_worker=2 / workers)
             value = run_raydistill(work, part, args.steps if method == "lora" else args.memory_steps,
-                                   zero_stage=int(stage[1:]), **extra)
+                                   env=MALLOC_ENV if "m" in flags else None, zero_stage=int(stage[1:]), **extra)
         results[key] = value
         rerun_of[key] = time.strftime("%Y-%m-%d %H:%M")
         print(f"[bench] {key}: {value}", file=sys.stderr, flush=True)  # noqa: T201
@@ -194,10 +204,17 @@ def write(results: dict[str, dict], args: argparse.Namespace, measured_at: dict[
     cores = 2
     ratios = {f"{k}: tokens/s per core vs plain": (v["tokens_per_s"] / cores) / (plain["tokens_per_s"] / cores)
               for k, v in results.items() if k.startswith("raydistill LoRA")}
-    full0, full3 = results["raydistill full FT ZeRO-0"], results["raydistill full FT ZeRO-3"]
-    ratios["full FT peak RSS per worker, ZeRO-3 / DDP"] = full3["peak_rss_mb_worker"] / full0["peak_rss_mb_worker"]
-    ratios["full FT peak RSS above start per worker, ZeRO-3 / DDP"] = (
-        full3["peak_rss_above_start_mb_worker"] / full0["peak_rss_above_start_mb_worker"])
+    for key3 in [k for k in results if k.startswith("raydistill full FT ZeRO-3")]:
+        full0, full3 = results.get(key3.replace("ZeRO-3", "ZeRO-0")), results[key3]
+        if full0 is None:
+            continue
+        setup = key3.removeprefix("raydistill full FT ZeRO-3").lstrip(", ") or "defaults"
+        ratios[f"full FT peak RSS per worker, ZeRO-3 / DDP ({setup})"] = full3["peak_rss_mb_worker"] / full0["peak_rss_mb_worker"]
+        ratios[f"full FT peak RSS above start per worker, ZeRO-3 / DDP ({setup})"] = (
+            full3["peak_rss_above_start_mb_worker"] / full0["peak_rss_above_start_mb_worker"])
+        if full3.get("steady_rss_mb_worker") and full0.get("steady_rss_mb_worker"):
+            ratios[f"full FT steady RSS per worker, ZeRO-3 / DDP ({setup})"] = (
+                full3["steady_rss_mb_worker"] / full0["steady_rss_mb_worker"])
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "torch": torch.__version__, "deepspeed": deepspeed.__version__, "model": MODEL, "workers": WORKERS,
             "batch_per_worker": BATCH, "steps": args.steps, "memory_steps": args.memory_steps,
@@ -207,11 +224,13 @@ def write(results: dict[str, dict], args: argparse.Namespace, measured_at: dict[
     lines = ["# Training benchmark", "", f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, deepspeed "
              f"{meta['deepspeed']}, {MODEL}, fp32, {WORKERS} workers x batch {BATCH} (plain loop: batch "
              f"{WORKERS * BATCH} in one process), {args.steps} steps (full FT: {args.memory_steps}).", "",
-             "| run | tokens/s | tokens/s per core | peak RSS per worker (MB) | peak RSS above start (MB) | measured |",
-             "|---|---:|---:|---:|---:|---|"]
+             "| run | tokens/s | tokens/s per core | peak RSS per worker (MB) | peak RSS above start (MB) "
+             "| steady RSS per worker (MB) | measured |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for k, v in results.items():
+        steady = f"{v['steady_rss_mb_worker']:.0f}" if v.get("steady_rss_mb_worker") else "—"
         lines.append(f"| {k} | {v['tokens_per_s']:.0f} | {v['tokens_per_s'] / cores:.0f} | {v['peak_rss_mb_worker']:.0f} | "
-                     f"{v['peak_rss_above_start_mb_worker']:.0f} | {measured_at.get(k, meta['date'])} |")
+                     f"{v['peak_rss_above_start_mb_worker']:.0f} | {steady} | {measured_at.get(k, meta['date'])} |")
     lines += ["", "| ratio | value |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
     (RESULTS / "train.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))  # noqa: T201
