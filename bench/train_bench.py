@@ -5,16 +5,18 @@
   * a plain single-process transformers + PEFT loop on both cores (HF forward with labels,
     padding to the longest row, torch AdamW): the same model, data, effective batch and steps;
   * memory: full fine-tuning under DDP vs ZeRO-3 (LoRA's trainable state is too small for
-    ZeRO's sharding to show), peak RSS of worker 0 while training (before the export) and its
-    growth above the RSS before the model was built (the imports of Ray/torch/DeepSpeed are
-    ~1 GB that no ZeRO stage can shard).
+    ZeRO's sharding to show), peak RSS of worker 0 while training (before the export), its
+    growth above the RSS before the model was built (the ~0.44 GB of Ray/torch/DeepSpeed
+    imports that no ZeRO stage can shard), and the steady RSS after the last step. Pairs run
+    with the defaults, and with gradient checkpointing plus a fixed glibc mmap threshold (so
+    freed activations go back to the OS and RSS shows live memory) at 2 and 4 workers.
 
 Model: SmolLM2-135M-Instruct (fp32). Data: the built-in langid train queries with their gold
 answers as hand-made valid samples (the train stage reads only the samples contract).
 
     scripts/loopback-only .venv/bin/python bench/train_bench.py
 
-Writes ``bench/results/train.{json,md}``.
+Writes ``bench/results/train.{json,md}``. ``--parts full-z3-gc-m,...`` re-runs single rows.
 """
 
 from __future__ import annotations
