@@ -34,8 +34,9 @@ def deepspeed_config(train: dict[str, Any], hidden_size: int | None = None) -> d
 
     The reuse distance matters most: ZeRO-3 keeps a gathered parameter whenever it is used again
     within that many elements of the trace. The default (1e9) exceeds a whole forward+backward of
-    any model under ~0.5B parameters, so nothing is ever released and every rank holds the full
-    model. About one decoder layer (10·hidden²) releases each layer once it has run."""
+    any model under ~0.5B parameters, so no layer is released before its backward and every rank
+    holds the whole model at the end of the forward. About one decoder layer (10·hidden²)
+    releases each layer once it has run."""
     zero: dict[str, Any] = {"stage": train["zero_stage"]}
     if hidden_size and train["zero_stage"] == 3:
         h2 = hidden_size * hidden_size
