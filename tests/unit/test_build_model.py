@@ -1,5 +1,6 @@
-"""The student as the training loop builds it: gradient checkpointing recomputes each layer in
-backward and changes neither the loss nor the gradients (tiny model, one process, no DeepSpeed)."""
+"""The student as the training loop builds it: every layer in train mode, so gradient
+checkpointing recomputes each layer in backward (changing neither the loss nor the gradients)
+and LoRA dropout is active (tiny model, one process, no DeepSpeed)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from raydistill.student.loss import answer_only_loss
 def loss_grads_and_mlp_calls(model_path: str, **train) -> tuple[float, dict[str, torch.Tensor], int]:
     torch.manual_seed(0)
     model = build_model(model_path, TrainConfig(zero_stage=0, lora_dropout=0.0, **train).model_dump())
-    model.train()
     calls = []
     # a pre-hook: torch stops a recompute once it has the tensors backward needs, so post-hooks may not run
     model.get_decoder().layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
@@ -38,3 +38,27 @@ def test_gradient_checkpointing_recomputes_and_keeps_the_gradients(tiny_model, m
     for name, grad in grads.items():
         assert torch.allclose(grads_gc[name], grad, rtol=1e-4, atol=1e-6), name
     assert any(g.abs().sum() > 0 for g in grads.values())
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_every_layer_is_in_train_mode(tiny_model, method):
+    # from_pretrained leaves the layers in eval mode; the loop never calls .train() itself
+    model = build_model(tiny_model, TrainConfig(method=method, zero_stage=0).model_dump())
+    assert all(m.training for m in model.modules())
+
+
+def test_lora_dropout_is_active(tiny_model):
+    model = build_model(tiny_model, TrainConfig(method="lora", lora_dropout=0.5, zero_stage=0).model_dump())
+    ids = torch.randint(10, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, 8:] = ids[:, 8:]
+    with torch.no_grad():
+        # LoRA's B starts at zero, so dropout on the adapter input shows only once B is not zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+        first, second = (answer_only_loss(model, ids, torch.ones_like(ids), labels) for _ in range(2))
+        model.eval()
+        third, fourth = (answer_only_loss(model, ids, torch.ones_like(ids), labels) for _ in range(2))
+    assert float(first) != float(second)  # a different dropout mask each forward
+    assert float(third) == float(fourth)  # and none in eval mode
