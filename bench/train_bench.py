@@ -42,7 +42,11 @@ MODEL = "builtin:smollm2-135m-instruct"
 WORKERS, BATCH = 2, 8
 PLAIN = "plain transformers+PEFT (1 process, 2 threads)"
 PARTS = ["plain", "lora-z0", "lora-z2", "lora-z3", "full-z0", "full-z3", "full-z0-gc-m", "full-z3-gc-m", "full-z0-gc-m-w4",
-         "full-z3-gc-m-w4"]
+         "full-z3-gc-m-w4", "full-z0-gc-m-360m", "full-z3-gc-m-360m"]
+# SmolLM2-360M's shape (no hub here to fetch its weights): memory does not depend on the values.
+SHAPE_360M = {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 15,
+              "num_key_value_heads": 5}
+SHAPE_NOTE = "SmolLM2-360M shape, random init"
 # glibc raises its mmap threshold after large frees and then keeps freed tensor memory in its
 # heaps; a fixed 1 MiB threshold returns it to the OS, so RSS shows what is actually live.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
@@ -68,11 +72,31 @@ def write_samples(folder: Path) -> int:
     return n
 
 
-def run_raydistill(work: Path, name: str, steps: int, env: dict[str, str] | None = None, **train) -> dict:
+def random_model(folder: Path, shape: dict[str, int]) -> str:
+    """SmolLM2-135M's config, tokenizer and chat template with another size, random weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from raydistill.models import resolve_model
+
+    if not (folder / "config.json").is_file():
+        source = resolve_model(MODEL)
+        config = AutoConfig.from_pretrained(source)
+        for key, value in shape.items():
+            setattr(config, key, value)
+        config.head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return str(folder)
+
+
+def run_raydistill(work: Path, name: str, steps: int, env: dict[str, str] | None = None, model: str = MODEL,
+                   **train) -> dict:
     run = work / name
     write_samples(run / "samples")
     config = {"run_dir": str(run), "queries": {"train_path": "builtin:langid-demo/train", "eval_path": "builtin:langid-demo/eval"},
-              "train": {"student_model": MODEL, "num_workers": WORKERS, "batch_size_per_worker": BATCH, "max_steps": steps,
+              "train": {"student_model": model, "num_workers": WORKERS, "batch_size_per_worker": BATCH, "max_steps": steps,
                         "log_every": 1, "val_fraction": 0.0, "learning_rate": 1e-4, **train},
               "cluster": {"num_cpus": 4}}
     cfg = work / f"{name}.yaml"
@@ -178,13 +202,16 @@ def main() -> None:
             if proc.returncode != 0:
                 raise RuntimeError(proc.stderr[-3000:])
             key, value = PLAIN, json.loads(proc.stdout.strip().splitlines()[-1])
-        else:  # e.g. lora-z2; full-z3-gc (gradient checkpointing), -m (glibc mmap threshold), -w4 (4 workers)
+        else:  # e.g. lora-z2; full-z3-gc (gradient checkpointing), -m (glibc mmap threshold), -w4 (4 workers),
+            # -360m (a random model of SmolLM2-360M's shape)
             method, stage, *flags = part.split("-")
             workers = next((int(f[1:]) for f in flags if f.startswith("w")), WORKERS)
             key = (f"raydistill {'LoRA' if method == 'lora' else 'full FT'} ZeRO-{stage[1:]}"
                    + (", grad ckpt" if "gc" in flags else "") + (f", {MALLOC_NOTE}" if "m" in flags else "")
-                   + (f", {workers} workers" if workers != WORKERS else ""))
+                   + (f", {workers} workers" if workers != WORKERS else "") + (f", {SHAPE_NOTE}" if "360m" in flags else ""))
             extra = {} if method == "lora" else {"method": "full", "learning_rate": 1e-5}
+            if "360m" in flags:
+                extra["model"] = random_model(work / "model-360m", SHAPE_360M)
             if "gc" in flags:
                 extra["gradient_checkpointing"] = True
             if workers != WORKERS:  # same cores, shared: memory rows only
