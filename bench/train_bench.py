@@ -9,9 +9,11 @@
     growth above the RSS before the model was built (the ~0.44 GB of Ray/torch/DeepSpeed
     imports that no ZeRO stage can shard), and the steady RSS after the last step. Pairs run
     with the defaults, and with gradient checkpointing plus a fixed glibc mmap threshold (so
-    freed activations go back to the OS and RSS shows live memory) at 2 and 4 workers.
+    freed activations go back to the OS and RSS shows live memory) at 2 and 4 workers, and on
+    a random-weight model of SmolLM2-360M's shape (362M parameters: memory does not depend on
+    the weights, and there is no hub here to fetch the real ones).
 
-Model: SmolLM2-135M-Instruct (fp32). Data: the built-in langid train queries with their gold
+Model: SmolLM2-135M-Instruct (fp32). ~50 min on 2 cores. Data: the built-in langid train queries with their gold
 answers as hand-made valid samples (the train stage reads only the samples contract).
 
     scripts/loopback-only .venv/bin/python bench/train_bench.py
