@@ -121,8 +121,8 @@ def build_engine(model_path: str, train: dict[str, Any], total_steps: int) -> tu
     hidden = getattr(model.config, "hidden_size", None)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(train, hidden))
-    if train["zero_stage"] == 3:
-        share_zero3_master_weights(engine.optimizer)
+    if train["zero_stage"] == 3 and (freed := share_zero3_master_weights(engine.optimizer)):
+        logger.info("ZeRO-3: fp32 master shares the partition's storage (%.0f MB freed on this rank)", freed / 2**20)
     return engine, scheduler
 
 
