@@ -132,7 +132,7 @@ def plain_loop(steps: int) -> dict:
     from raydistill.data.builtin import build_langid_demo
     from raydistill.models import resolve_model
     from raydistill.render import render_completion, render_prompt
-    from raydistill.tasks.task import TaskSpec, load_task
+    from raydistill.tasks.task import load_task
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -148,7 +148,7 @@ def plain_loop(steps: int) -> dict:
     batch_size = WORKERS * BATCH
     texts = []
     for r in rows[: steps * batch_size]:
-        msgs = TaskSpec.student_messages(r["text"])
+        msgs = task.student_messages(r["text"])
         prompt = render_prompt(tokenizer, msgs)
         texts.append((prompt, render_completion(tokenizer, msgs, task.labels[r["gold"]])))
     tokens, t_first = 0, None

@@ -158,7 +158,9 @@ def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfi
                 return JSONResponse(
                     error_body(f"model {req.model!r} not found; available: {sorted(routes)}", "model_not_found", 404), 404
                 )
-            messages = [m.model_dump() for m in req.messages]
+            # student and base see the bare chat as the student was trained on it (the task's
+            # student system message added); the teacher sees the target prompt around the query
+            messages = task.with_student_system([m.model_dump() for m in req.messages])
             prefix = ""
             if route.inject_prompt:
                 try:

@@ -23,9 +23,10 @@ def is_validation(query_id: str, fraction: float) -> bool:
     return bucket < fraction
 
 
-def build_example(tokenizer: Any, query: str, answer: str, max_seq_len: int) -> dict[str, list[int]] | None:
-    """input_ids + labels (-100 on prompt tokens), or None if longer than ``max_seq_len``."""
-    messages = TaskSpec.student_messages(query)
+def build_example(tokenizer: Any, messages: list[dict[str, str]], answer: str, max_seq_len: int) -> dict[str, list[int]] | None:
+    """input_ids + labels (-100 on prompt tokens), or None if longer than ``max_seq_len``.
+
+    ``messages`` is the student's chat (``TaskSpec.student_messages``): the bare query."""
     prompt_ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(render_completion(tokenizer, messages, answer), add_special_tokens=False)["input_ids"]
     if len(prompt_ids) + len(answer_ids) > max_seq_len:
@@ -34,13 +35,12 @@ def build_example(tokenizer: Any, query: str, answer: str, max_seq_len: int) -> 
 
 
 def build_soft_example(
-    tokenizer: Any, query: str, prefix: str, token_ids: list[int], top_ids: list[list[int]],
+    tokenizer: Any, messages: list[dict[str, str]], prefix: str, token_ids: list[int], top_ids: list[list[int]],
     top_logprobs: list[list[float]], max_seq_len: int,
 ) -> dict[str, Any] | None:
     """The teacher's own tokens as the answer (prefix + generated ids + end of turn), with its
     top-k distribution at each generated token, so a KL term can be taken position by position.
     Token ids are used as they are: re-tokenizing the decoded text could shift the alignment."""
-    messages = TaskSpec.student_messages(query)
     prompt = render_prompt(tokenizer, messages)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     with_prefix = tokenizer(prompt + prefix, add_special_tokens=False)["input_ids"]
@@ -76,12 +76,13 @@ def build_examples_batch(
     ``max_seq_len`` are dropped. With ``soft``, the teacher's top-k logprobs come along."""
     cols: dict[str, list[Any]] = {k: [] for k in ("id", "input_ids", "labels", "val", "soft_pos", "soft_ids", "soft_logprobs")}
     for i, (qid, query, label, response) in enumerate(zip(batch["id"], batch["query"], batch["label"], batch["response"])):
+        messages = task.student_messages(str(query))
         if soft:
-            example = build_soft_example(tokenizer, str(query), task.assistant_prefix, list(batch["token_ids"][i]),
+            example = build_soft_example(tokenizer, messages, task.assistant_prefix, list(batch["token_ids"][i]),
                                          list(batch["top_token_ids"][i]), list(batch["top_logprobs"][i]), max_seq_len)
         else:
             answer = task.target_text(label, response or "", target)  # type: ignore[arg-type]
-            example = build_example(tokenizer, str(query), answer, max_seq_len)
+            example = build_example(tokenizer, messages, answer, max_seq_len)
         if example is None:
             continue
         cols["id"].append(qid)

@@ -7,15 +7,17 @@ parsing a response into a label, and the training target for a parsed label.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from raydistill.errors import ConfigError
+from raydistill.tasks.languages import language_names
 
 BUILTIN_DIR = Path(__file__).parent
 QUERY_SLOT = "{query}"
@@ -34,6 +36,20 @@ class ParseResult(BaseModel):
     reject_reason: str | None
 
 
+class Demonstration(BaseModel):
+    """One worked example shown to the teacher as a prior user/assistant exchange."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    query: str
+    answer: str = Field(..., description="The assistant turn, in full (forced answer prefix included).")
+    label: str | None = Field(None, description="The demonstrated label (documentation, checked against labels).")
+
+
+STUDENT_SYSTEM_DEFAULT = "default"  # no system message: the chat template's own default, if it has one
+STUDENT_SYSTEM_NONE = "none"  # an empty system message: templates that add a default then add none
+
+
 class TaskSpec(BaseModel):
     """A task file (YAML). Paths inside it are relative to the file."""
 
@@ -44,9 +60,24 @@ class TaskSpec(BaseModel):
     system_prompt: str = Field("", description="The teacher's system message (read from system_prompt_file).")
     user_template: str = Field(QUERY_SLOT, description="The teacher's user turn, with a {query} slot.")
     assistant_prefix: str = Field("", description="Text the teacher's answer is forced to start with.")
+    demonstrations: list[Demonstration] = Field(
+        default_factory=list,
+        description="Worked examples as prior chat turns after the system prompt (read from demonstrations_file, JSONL).",
+    )
+    student_system_prompt: str = Field(
+        STUDENT_SYSTEM_DEFAULT,
+        description="The student's system message, in training and serving alike: 'default' (the chat "
+        "template's own, e.g. SmolLM2's 20-token one), 'none' (an empty system message) or a given text.",
+    )
     labels: dict[str, str] = Field(..., description="label code -> the answer the student learns to say.")
     aliases: dict[str, str] = Field(default_factory=dict, description="extra phrase -> label code (case-insensitive).")
     fallback_label: str | None = Field(None, description="Label for a non-empty answer naming no known phrase (else rejected).")
+    other_languages_label: str | None = Field(
+        None,
+        description="Label for a language name outside labels/aliases, from the langcodes list "
+        "(raydistill.tasks.languages); with it set, a listed language whose ISO 639-1 code is a label "
+        "maps to that label ('Deutsch' -> de). Only for tasks whose label codes are ISO 639-1 codes.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TaskSpec:
@@ -54,7 +85,8 @@ class TaskSpec(BaseModel):
             raise ValueError(f"user_template needs exactly one {QUERY_SLOT} slot")
         if QUERY_SLOT in self.system_prompt:
             raise ValueError(f"the system prompt must not contain {QUERY_SLOT}; put the query in user_template")
-        unknown = sorted({v for v in [*self.aliases.values(), self.fallback_label] if v and v not in self.labels})
+        demo_labels = [d.label for d in self.demonstrations]
+        unknown = sorted({v for v in [*self.aliases.values(), self.fallback_label, self.other_languages_label, *demo_labels] if v and v not in self.labels})
         if unknown:
             raise ValueError(f"aliases map to unknown labels {unknown}; add them to labels")
         return self
@@ -62,25 +94,53 @@ class TaskSpec(BaseModel):
     # ---- the target prompt ------------------------------------------------------------
     @cached_property
     def prompt_sha256(self) -> str:
-        """Identifies the target prompt p exactly: system prompt, user template, answer prefix."""
-        blob = "\x00".join([self.system_prompt, self.user_template, self.assistant_prefix])
+        """Identifies the target prompt p exactly: system prompt, demonstrations, user template, answer prefix."""
+        demos = [f"{d.query}\x01{d.answer}" for d in self.demonstrations]
+        blob = "\x00".join([self.system_prompt, *demos, self.user_template, self.assistant_prefix])
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def teacher_messages(self, query: str) -> list[dict[str, str]]:
-        """The chat the teacher sees: the query wrapped in the target prompt p."""
-        user = {"role": "user", "content": self.user_template.replace(QUERY_SLOT, query)}
-        return [{"role": "system", "content": self.system_prompt}, user] if self.system_prompt else [user]
+        """The chat the teacher sees: the query wrapped in the target prompt p.
 
-    @staticmethod
-    def student_messages(query: str) -> list[dict[str, str]]:
+        Everything before the last user turn is the same for every query (system prompt, then the
+        demonstrations as prior exchanges), so the engine's prefix cache holds it once.
+        """
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        for demo in self.demonstrations:
+            messages.append({"role": "user", "content": self.user_template.replace(QUERY_SLOT, demo.query)})
+            messages.append({"role": "assistant", "content": demo.answer})
+        messages.append({"role": "user", "content": self.user_template.replace(QUERY_SLOT, query)})
+        return messages
+
+    def student_system_message(self) -> dict[str, str] | None:
+        """The system message the student is trained and served with (None: the template's default)."""
+        if self.student_system_prompt == STUDENT_SYSTEM_DEFAULT:
+            return None
+        content = "" if self.student_system_prompt == STUDENT_SYSTEM_NONE else self.student_system_prompt
+        return {"role": "system", "content": content}
+
+    def student_messages(self, query: str) -> list[dict[str, str]]:
         """The chat the student sees, in training and in serving alike: the bare query."""
-        return [{"role": "user", "content": query}]
+        return self.with_student_system([{"role": "user", "content": query}])
+
+    def with_student_system(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """A client's chat as the student was trained on it: the task's student system message is
+        added unless the client sent a system message of its own."""
+        system = self.student_system_message()
+        if system is None or any(m.get("role") in ("system", "developer") for m in messages):
+            return list(messages)
+        return [system, *messages]
 
     # ---- parsing ------------------------------------------------------------------------
     @cached_property
     def _phrase_to_label(self) -> dict[str, str]:
         table = {answer.lower(): code for code, answer in self.labels.items()}
         table.update({phrase.lower(): code for phrase, code in self.aliases.items()})
+        if self.other_languages_label:
+            # Labels and aliases win. A listed language keeps its own label when its ISO 639-1 code is
+            # one ("Español" -> es), so the list also teaches the parser the label languages' autonyms.
+            for name, code in language_names().items():
+                table.setdefault(name, code if code in self.labels else self.other_languages_label)
         return table
 
     @cached_property
@@ -122,20 +182,54 @@ def load_task(name_or_path: str) -> TaskSpec:
     if not path.is_file():
         builtins = sorted(p.parent.name for p in BUILTIN_DIR.glob("*/task.yaml"))
         raise ConfigError(f"task {name_or_path!r} not found; use a built-in task {builtins} or a path to a task YAML")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        raise ConfigError(f"task file {str(path)!r} is not valid YAML; fix the syntax") from None
-    for key in ("system_prompt", "user_template"):
-        file_name = data.pop(f"{key}_file", None)
-        if file_name is not None:
-            file_path = path.parent / file_name
-            if not file_path.is_file():
-                raise ConfigError(f"task {str(path)!r}: {key}_file {str(file_path)!r} not found; fix {key}_file")
-            data[key] = file_path.read_text().strip()
+    data = _read_task_data(path, seen=())
     try:
         return TaskSpec.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         key = ".".join(str(p) for p in first["loc"]) or "<root>"
         raise ConfigError(f"task file {str(path)!r}: '{key}': {first['msg']}; fix the task file") from None
+
+
+def _read_task_data(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """A task file's keys, with ``*_file`` keys read and ``extends`` (another task file, or a
+    built-in task name, whose keys this file overrides) resolved; paths are relative to each file."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise ConfigError(f"task file {str(path)!r} is not valid YAML; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"task file {str(path)!r} must hold a mapping (name, labels, ...)")
+    for key in ("system_prompt", "user_template"):
+        file_name = data.pop(f"{key}_file", None)
+        if file_name is not None:
+            data[key] = _task_file(path, f"{key}_file", file_name).read_text().strip()
+    demos_file = data.pop("demonstrations_file", None)
+    if demos_file is not None:
+        data["demonstrations"] = _read_demonstrations(_task_file(path, "demonstrations_file", demos_file))
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    parent_path = path.parent / parent if Path(parent).suffix else BUILTIN_DIR / parent / "task.yaml"
+    if not parent_path.is_file() or parent_path.resolve() in seen:
+        raise ConfigError(f"task {str(path)!r}: extends {parent!r}, which is not a task file (or extends itself); fix extends")
+    return {**_read_task_data(parent_path, (*seen, path.resolve())), **data}
+
+
+def _task_file(task_path: Path, key: str, name: str) -> Path:
+    file_path = task_path.parent / name
+    if not file_path.is_file():
+        raise ConfigError(f"task {str(task_path)!r}: {key} {str(file_path)!r} not found; fix {key}")
+    return file_path
+
+
+def _read_demonstrations(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise ConfigError(f"demonstrations file {str(path)!r} line {number} is not JSON; one object per line") from None
+    return rows

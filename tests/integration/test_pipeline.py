@@ -304,7 +304,7 @@ def test_merged_student_answers_the_same_in_vllm_and_transformers(finished_run):
 
     merged = finished_run[0] / "student" / "merged"
     tokenizer = AutoTokenizer.from_pretrained(merged)
-    prompts = [render_prompt(tokenizer, TaskSpec.student_messages(q)) for q in ("Hallo Welt", "Bonjour", "12345", "Привет")]
+    prompts = [render_prompt(tokenizer, TaskSpec(name="t", labels={"a": "A"}).student_messages(q)) for q in ("Hallo Welt", "Bonjour", "12345", "Привет")]
     proc = subprocess.run([sys.executable, "-c", VLLM_GREEDY, str(merged), json.dumps(prompts)],
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "1"})

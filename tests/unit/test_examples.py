@@ -7,6 +7,8 @@ from raydistill.render import render_completion, render_prompt
 from raydistill.student.examples import IGNORE_INDEX, build_example, collate
 from raydistill.tasks.task import TaskSpec
 
+MSG = TaskSpec(name="t", labels={"a": "A"}).student_messages  # the bare query, template default system
+
 
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -18,8 +20,8 @@ def tokenizer():
 
 
 def test_loss_mask_covers_exactly_the_answer(tokenizer):
-    ex = build_example(tokenizer, "Hola, ¿qué tal?", "Spanish", max_seq_len=256)
-    prompt = render_prompt(tokenizer, TaskSpec.student_messages("Hola, ¿qué tal?"))
+    ex = build_example(tokenizer, MSG("Hola, ¿qué tal?"), "Spanish", max_seq_len=256)
+    prompt = render_prompt(tokenizer, MSG("Hola, ¿qué tal?"))
     n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     labels = np.array(ex["labels"])
     assert (labels[:n_prompt] == IGNORE_INDEX).all()
@@ -30,13 +32,13 @@ def test_loss_mask_covers_exactly_the_answer(tokenizer):
 
 
 def test_prompt_is_the_bare_query_with_generation_prompt(tokenizer):
-    prompt = render_prompt(tokenizer, TaskSpec.student_messages("hello"))
+    prompt = render_prompt(tokenizer, MSG("hello"))
     assert prompt.endswith("<|im_start|>assistant\n") and "hello" in prompt
-    assert render_completion(tokenizer, TaskSpec.student_messages("hello"), "English") == "English<|im_end|>"
+    assert render_completion(tokenizer, MSG("hello"), "English") == "English<|im_end|>"
 
 
 def test_too_long_is_dropped(tokenizer):
-    assert build_example(tokenizer, "word " * 300, "English", max_seq_len=64) is None
+    assert build_example(tokenizer, MSG("word " * 300), "English", max_seq_len=64) is None
 
 
 def test_collate_pads_right_and_masks():

@@ -33,7 +33,7 @@ def test_soft_example_aligns_teacher_tokens(tokenizer):
     teacher_ids = tokenizer(" Spanish.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     top_ids = [[t, 5] for t in teacher_ids]
     top_lps = [[-0.1, -2.5] for _ in teacher_ids]
-    ex = build_soft_example(tokenizer, "Hola", "This text is written in", teacher_ids, top_ids, top_lps, 256)
+    ex = build_soft_example(tokenizer, [{"role": "user", "content": "Hola"}], "This text is written in", teacher_ids, top_ids, top_lps, 256)
     ids, labels = ex["input_ids"], ex["labels"]
     assert ids[-len(teacher_ids):] == teacher_ids  # the teacher's own ids, not a re-tokenization
     assert tokenizer.decode(ids).endswith("assistant\nThis text is written in Spanish.<|im_end|>")
@@ -44,7 +44,7 @@ def test_soft_example_aligns_teacher_tokens(tokenizer):
 
 
 def test_truncated_answer_still_ends_the_turn(tokenizer):
-    ex = build_soft_example(tokenizer, "Hola", "", [100, 200], [[100], [200]], [[-0.5], [-0.5]], 256)
+    ex = build_soft_example(tokenizer, [{"role": "user", "content": "Hola"}], "", [100, 200], [[100], [200]], [[-0.5], [-0.5]], 256)
     assert ex["input_ids"][-1] == tokenizer.eos_token_id and ex["input_ids"][-3:-1] == [100, 200]
     assert len(ex["soft_pos"]) == 2
 

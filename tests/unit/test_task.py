@@ -78,3 +78,60 @@ def test_fallback_label(langid):
     assert lenient.parse(" gibberish").label == "ot"
     assert lenient.parse(" French").label == "fr"
     assert not lenient.parse("").valid
+
+
+def test_long_task_puts_demonstrations_before_the_query(tmp_path):
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text('{"query": "Hallo Welt", "answer": "This text is written in German.", "label": "de"}\n\n'
+                     '{"query": "print(1)", "answer": "This text is written in Other.", "label": "ot"}\n')
+    path = tmp_path / "task.yaml"
+    path.write_text("extends: langid\nname: long\ndemonstrations_file: demos.jsonl\n")
+    task = load_task(str(path))
+    short = load_task("langid")
+    assert task.labels == short.labels and task.aliases == short.aliases  # inherited
+    messages = task.teacher_messages("Hola amigo")
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert messages[1]["content"].endswith("Hallo Welt") and messages[2]["content"] == "This text is written in German."
+    assert messages[-1]["content"].endswith("Hola amigo")
+    # every query shares everything before its own turn: the engine's cached prefix
+    assert task.teacher_messages("x")[:-1] == messages[:-1]
+    assert task.prompt_sha256 != short.prompt_sha256
+    reordered = TaskSpec.model_validate({**task.model_dump(), "demonstrations": task.model_dump()["demonstrations"][::-1]})
+    assert reordered.prompt_sha256 != task.prompt_sha256
+
+
+def test_bad_demonstrations_are_one_line_errors(tmp_path):
+    path = tmp_path / "task.yaml"
+    path.write_text("extends: langid\nname: long\ndemonstrations_file: demos.jsonl\n")
+    with pytest.raises(ConfigError, match="demonstrations_file"):
+        load_task(str(path))
+    (tmp_path / "demos.jsonl").write_text("not json\n")
+    with pytest.raises(ConfigError, match="line 1 is not JSON"):
+        load_task(str(path))
+    (tmp_path / "demos.jsonl").write_text('{"query": "x", "answer": "y", "label": "xx"}\n')
+    with pytest.raises(ConfigError, match="unknown labels"):
+        load_task(str(path))
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\nname: l\n")
+    with pytest.raises(ConfigError, match="extends"):
+        load_task(str(tmp_path / "loop.yaml"))
+
+
+def test_builtin_long_task_is_long_and_valid():
+    task = load_task("langid-long")
+    assert len(task.demonstrations) >= 12
+    assert {d.label for d in task.demonstrations} >= {"ar", "de", "el", "en", "es", "fr", "hi", "ru", "tr", "ur", "vi", "zh", "ot"}
+    assert all(d.answer.startswith(task.assistant_prefix) for d in task.demonstrations)
+    assert all(task.parse(d.answer.removeprefix(task.assistant_prefix)).label == d.label for d in task.demonstrations)
+
+
+@pytest.mark.parametrize("setting,first", [("default", None), ("none", ""), ("Answer briefly.", "Answer briefly.")])
+def test_student_system_prompt(langid, setting, first):
+    task = TaskSpec.model_validate({**langid.model_dump(), "student_system_prompt": setting})
+    messages = task.student_messages("Hola")
+    assert messages[-1] == {"role": "user", "content": "Hola"}
+    if first is None:
+        assert len(messages) == 1  # the chat template adds its own default
+    else:
+        assert messages[0] == {"role": "system", "content": first}
+    own = [{"role": "system", "content": "mine"}, {"role": "user", "content": "Hola"}]
+    assert task.with_student_system(own) == own  # a client's own system message wins
