@@ -51,10 +51,10 @@ def dev_split(rows: list[dict], per_label: int) -> tuple[list[dict], list[dict]]
 
 
 def draw_demonstrations(pool: list[dict], task, rng: random.Random) -> list[dict]:
-    """One per label language (sentences of moderate length), and for ``ot`` one code snippet,
-    one number/URL string and two sentences of other languages; shuffled so no label sits last."""
+    """One per label language (sentences of moderate length), and for ``ot`` one code snippet or
+    number/URL string and one sentence of another language; shuffled so no label sits last."""
     def pick(rows: list[dict]) -> dict:
-        moderate = [r for r in rows if 40 <= len(r["text"]) <= 220] or rows
+        moderate = [r for r in rows if 30 <= len(r["text"]) <= 160] or rows
         return rng.choice(moderate)
 
     chosen = []
@@ -63,12 +63,8 @@ def draw_demonstrations(pool: list[dict], task, rng: random.Random) -> list[dict
             continue
         chosen.append(pick([r for r in pool if r["gold"] == label]))
     ot = [r for r in pool if r["gold"] == "ot"]
-    chosen.append(pick([r for r in ot if r["source"] == "code"]))
-    chosen.append(pick([r for r in ot if r["source"] == "numbers"]))
-    others = [r for r in ot if r["source"].startswith("eld:")]
-    first = pick(others)
-    chosen.append(first)
-    chosen.append(pick([r for r in others if r["source"] != first["source"]]))
+    chosen.append(pick([r for r in ot if r["source"] in ("code", "numbers")]))
+    chosen.append(pick([r for r in ot if r["source"].startswith("eld:")]))
     rng.shuffle(chosen)
     prefix = task.assistant_prefix
     return [{"query": r["text"], "answer": f"{prefix} {task.labels[r['gold']]}.", "label": r["gold"]} for r in chosen]
@@ -92,10 +88,10 @@ def score(llm, tokenizer, task, dev: list[dict], max_tokens: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--draws", type=int, default=8)
-    parser.add_argument("--dev-per-label", type=int, default=20)
+    parser.add_argument("--draws", type=int, default=10)
+    parser.add_argument("--dev-per-label", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="auto", help="vLLM dtype; auto: bf16 only where the CPU multiplies in bf16")
     parser.add_argument("--write", action=argparse.BooleanOptionalAction, default=True,
                         help="write the best draw into the task folder")
     args = parser.parse_args()
@@ -104,10 +100,12 @@ def main() -> None:
     from vllm import LLM
 
     from raydistill.data.builtin import build_langid_demo
+    from raydistill.dtypes import engine_dtype
     from raydistill.models import resolve_model
     from raydistill.tasks.task import TaskSpec, load_task
 
     model = resolve_model("builtin:smollm2-135m-instruct")
+    args.dtype = engine_dtype(args.dtype, "cpu")
     tokenizer = AutoTokenizer.from_pretrained(model)
     short, long_task = load_task("langid"), load_task("langid-long")
     dev, pool = dev_split(build_langid_demo()["train"], args.dev_per_label)

@@ -25,6 +25,9 @@ class TaskConfig(_Section):
     """Which task (target prompt + parser) to distill."""
 
     name: str = Field("langid", description="Built-in task name, or a path to a task YAML file.")
+    student_system_prompt: str | None = Field(
+        None, description="Override the task's student system message: 'default', 'none' or a text (see the task file)."
+    )
 
 
 class QueriesConfig(_Section):
@@ -42,7 +45,9 @@ class TeacherConfig(_Section):
     """Teacher sampling with vLLM through ray.data.llm."""
 
     model: str = Field(DEFAULT_MODEL, description="HF model id or local path, or builtin:<name>.")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bf16 on GPUs and on CPUs with native bf16 matmuls (AVX-512 BF16/AMX), else fp32."
+    )
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(16, ge=1)
@@ -149,7 +154,7 @@ class ServeConfig(_Section):
     num_replicas: int = Field(1, ge=1, description="Replicas per model (ignored when autoscaling is set).")
     autoscaling: AutoscalingConfig | None = Field(None, description="Autoscale replicas instead of a fixed number.")
     max_ongoing_requests: int = Field(32, ge=1)
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="As teacher.dtype.")
     max_model_len: int = Field(2048, ge=64)
     kv_cache_gib: float = Field(0.5, gt=0.0)
     block_size: int | None = 32

@@ -34,7 +34,7 @@ from raydistill.evaluate.report import summary_table, write_report
 from raydistill.manifest import write_manifest
 from raydistill.outputs import check_output, staged_output
 from raydistill.runtime import init_ray
-from raydistill.tasks.task import load_task
+from raydistill.tasks.task import task_for
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def evaluate(cfg: PipelineConfig, base_url: str, *, overwrite: bool = False,
              stage_times: dict[str, float] | None = None) -> dict[str, Any]:
     started = time.time()
     out_dir = check_output(Path(cfg.run_dir) / "eval", overwrite=overwrite, what="eval directory")
-    task = load_task(cfg.task.name)
+    task = task_for(cfg.task)
     source = resolve_source(cfg.queries.eval_path)
     check_columns(source, cfg.queries.text_column)
     import ray.data

@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from raydistill.config import ServeConfig
+from raydistill.dtypes import engine_dtype
 from raydistill.render import render_prompt
 from raydistill.serve.openai_api import (
     ChatCompletionRequest,
@@ -60,7 +61,7 @@ class ModelServer:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         kwargs: dict[str, Any] = {
             "model": model_path,
-            "dtype": cfg.dtype,
+            "dtype": engine_dtype(cfg.dtype, cfg.accelerator),
             "max_model_len": cfg.max_model_len,
             "enable_prefix_caching": True,
             "enforce_eager": cfg.enforce_eager,

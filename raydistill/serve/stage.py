@@ -14,7 +14,7 @@ from raydistill.errors import DataError
 from raydistill.models import resolve_model
 from raydistill.runtime import init_ray
 from raydistill.serve.app import build_app, start
-from raydistill.tasks.task import load_task
+from raydistill.tasks.task import task_for
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def student_path(cfg: PipelineConfig) -> Path:
 
 def start_serving(cfg: PipelineConfig, *, require_student: bool = True) -> str:
     """Deploy teacher (+ student when trained) and return the base URL once healthy."""
-    task = load_task(cfg.task.name)
+    task = task_for(cfg.task)
     paths = {"teacher": resolve_model(cfg.teacher.model)}
     merged = student_path(cfg)
     if (merged / "config.json").is_file():

@@ -28,7 +28,7 @@ from raydistill.runtime import init_ray
 from raydistill.schema import SAMPLES, parquet_files, require_columns
 from raydistill.student.examples import build_examples_batch
 from raydistill.student.loop import MLFLOW_EXPERIMENT, train_loop_per_worker
-from raydistill.tasks.task import load_task
+from raydistill.tasks.task import task_for
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
     samples_dir = run_dir / "samples"
     soft = cfg.train.kl_weight > 0
     n_valid = check_samples(samples_dir, soft=soft)
-    task = load_task(cfg.task.name)
+    task = task_for(cfg.task)
     model_path = resolve_model(cfg.train.student_model)
     check_student_model(model_path, cfg)
     tracking_uri = None

@@ -174,6 +174,14 @@ class TaskSpec(BaseModel):
         return self.labels[label]
 
 
+def task_for(cfg: Any) -> TaskSpec:
+    """The task a pipeline config names (``cfg.task``), with its overrides applied."""
+    task = load_task(cfg.name)
+    if cfg.student_system_prompt is not None:
+        task = task.model_copy(update={"student_system_prompt": cfg.student_system_prompt})
+    return task
+
+
 def load_task(name_or_path: str) -> TaskSpec:
     """Load a built-in task by name (``langid``) or a task YAML by path."""
     path = Path(name_or_path)

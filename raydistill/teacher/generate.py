@@ -21,13 +21,14 @@ import pyarrow.parquet as pq
 from raydistill.config import PipelineConfig, TeacherConfig
 from raydistill.data.queries import read_queries
 from raydistill.data.sources import Source, check_columns, explain_read_failure, resolve_source
+from raydistill.dtypes import engine_dtype
 from raydistill.errors import DataError, RaydistillError
 from raydistill.manifest import write_manifest
 from raydistill.models import resolve_model
 from raydistill.outputs import ResumableOutput, resumable_output
 from raydistill.runtime import init_ray
 from raydistill.schema import parquet_files
-from raydistill.tasks.task import TaskSpec, load_task
+from raydistill.tasks.task import TaskSpec, task_for
 from raydistill.teacher.ledger import finished_samples
 from raydistill.teacher.requests import TeacherRequests, parse_outputs
 
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 def engine_kwargs(cfg: TeacherConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
-        "dtype": cfg.dtype,
+        "dtype": engine_dtype(cfg.dtype, cfg.accelerator),
         "max_model_len": cfg.max_model_len,
         "enable_prefix_caching": cfg.enable_prefix_caching,
         "tensor_parallel_size": cfg.tensor_parallel_size,
@@ -101,7 +102,7 @@ def generate(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = Fal
         logger.info("generate: %s is complete; nothing to resume", Path(cfg.run_dir) / "samples")
         return Path(cfg.run_dir) / "samples"
     # Everything that can be wrong with the inputs fails here, before Ray and the engines start.
-    task = load_task(cfg.task.name)
+    task = task_for(cfg.task)
     model_path = resolve_model(cfg.teacher.model)
     source = resolve_source(cfg.queries.train_path)
     check_columns(source, cfg.queries.text_column)

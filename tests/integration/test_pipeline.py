@@ -300,11 +300,12 @@ def test_merged_student_answers_the_same_in_vllm_and_transformers(finished_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from raydistill.render import render_prompt
-    from raydistill.tasks.task import TaskSpec
+    from raydistill.tasks.task import load_task
 
     merged = finished_run[0] / "student" / "merged"
     tokenizer = AutoTokenizer.from_pretrained(merged)
-    prompts = [render_prompt(tokenizer, TaskSpec(name="t", labels={"a": "A"}).student_messages(q)) for q in ("Hallo Welt", "Bonjour", "12345", "Привет")]
+    task = load_task(str(REPO / "tests" / "data" / "tiny_task.yaml"))  # the student's chat, as trained
+    prompts = [render_prompt(tokenizer, task.student_messages(q)) for q in ("Hallo Welt", "Bonjour", "12345", "Привет")]
     proc = subprocess.run([sys.executable, "-c", VLLM_GREEDY, str(merged), json.dumps(prompts)],
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "1"})

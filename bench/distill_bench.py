@@ -1,0 +1,256 @@
+"""The distillation recipe, measured: a learning curve and a recipe table for the demo's task.
+
+    scripts/loopback-only .venv/bin/python bench/distill_bench.py [--sizes 100,300,1000] [--recipe-size 300]
+        [--demo-run runs/demo]
+
+Everything runs through raydistill's own stages on the demo config (``jobs/configs/demo_cpu.yaml``:
+the long-prompt ``langid-long`` teacher, LoRA student): ``generate`` labels train queries once
+(greedy, with the teacher's top-5 logprobs) and labels the eval split once (the reference the
+students are compared with); every row then trains a student with ``train`` on a subset of those
+samples and labels the eval split with it (plain vLLM, greedy, the student's served chat). Rows:
+
+* learning curve: the number of teacher-labelled queries (``--sizes``), label target;
+* recipe table at ``--recipe-size`` queries: label target vs the raw response vs KL on the
+  teacher's top-5 (weight 0.5), and the student's system prompt ("none" vs the chat template's
+  default); and 4 samples per query at temperature 1 (label target) on ``--k4-size`` queries,
+  to compare with the curve's point of that size.
+
+Each row reports agreement with the teacher and student accuracy with 95% Wilson intervals
+(eval split, ``n`` queries), and wall time (the teacher's share prorated by queries, plus
+training). Small sizes train for at least ``MIN_EXAMPLE_PASSES`` example passes (more epochs).
+``--demo-run`` copies a finished ``raydistill demo`` run's headline numbers (teacher vs student
+served side by side) into ``ratios``. Writes ``bench/results/distill.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "bench" / "results"
+CONFIG = REPO / "jobs" / "configs" / "demo_cpu.yaml"
+MIN_EXAMPLE_PASSES = 300
+RATIO_KEYS = ("input_tokens_teacher_over_student", "accuracy_student_over_teacher", "agreement", "agreement_ci95",
+              "teacher_parse_rate", "rps_student_over_teacher")
+
+# A child process labels prompts with plain vLLM (greedy) so each student's engine starts clean.
+LABEL_CHILD = """
+import json, os, sys
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+from vllm import LLM, SamplingParams
+model, dtype, prompts_file, out_file = sys.argv[1:5]
+prompts = json.load(open(prompts_file))
+llm = LLM(model=model, dtype=dtype, enforce_eager=True, block_size=32, enable_prefix_caching=True,
+          max_model_len=2048, seed=0, kv_cache_memory_bytes=1 << 30)
+outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+json.dump([o.outputs[0].text for o in outs], open(out_file, "w"))
+"""
+
+
+def stable_order(query_id: str) -> str:
+    return hashlib.sha256(f"bench:{query_id}".encode()).hexdigest()
+
+
+def subset_samples(source: Path, target: Path, n_queries: int) -> int:
+    """The samples of ``n_queries`` queries (a fixed pseudo-random choice, the same for every row)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raydistill.schema import parquet_files
+
+    table = pq.read_table(parquet_files(source))
+    ids = sorted(set(table["id"].to_pylist()), key=stable_order)[:n_queries]
+    keep = pa.array([i in set(ids) for i in table["id"].to_pylist()])
+    target.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.filter(keep), target / "part-0.parquet")
+    return len(ids)
+
+
+def student_labels(model_dir: Path, task: Any, queries: list[str], dtype: str, work: Path) -> list[str]:
+    from transformers import AutoTokenizer
+
+    from raydistill.render import render_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [render_prompt(tokenizer, task.student_messages(q)) for q in queries]
+    prompts_file, out_file = work / "prompts.json", work / "answers.json"
+    prompts_file.write_text(json.dumps(prompts))
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-c", LABEL_CHILD, str(model_dir), dtype, str(prompts_file), str(out_file)],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"student labelling failed: {proc.stderr[-2000:]}")
+    return json.loads(out_file.read_text())
+
+
+def score(teacher: dict[str, dict], student_answers: list[str], ids: list[str], task: Any) -> dict[str, Any]:
+    from raydistill.evaluate.metrics import wilson_interval
+
+    n = len(ids)
+    labels = [task.parse(a).label for a in student_answers]
+    agree = sum(lab is not None and lab == teacher[i]["label"] for lab, i in zip(labels, ids))
+    right = sum(lab == teacher[i]["gold"] for lab, i in zip(labels, ids))
+    return {"n": n, "agreement": round(agree / n, 4), "agreement_ci95": [round(x, 4) for x in wilson_interval(agree, n)],
+            "student_accuracy": round(right / n, 4),
+            "student_accuracy_ci95": [round(x, 4) for x in wilson_interval(right, n)],
+            "student_parse_rate": round(sum(lab is not None for lab in labels) / n, 4)}
+
+
+def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, write
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="100,300,1000")
+    parser.add_argument("--recipe-size", type=int, default=300)
+    parser.add_argument("--k4-size", type=int, default=100, help="queries for the 4-samples row (compare label-<n>)")
+    parser.add_argument("--recipes", default="response,kl,k4,system-default",
+                        help="recipe rows at --recipe-size besides the label-target curve point")
+    parser.add_argument("--work", default="runs/distill-bench")
+    parser.add_argument("--demo-run", default=None, help="a finished `raydistill demo` run to quote in ratios")
+    args = parser.parse_args()
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    recipes = [r for r in args.recipes.split(",") if r]
+
+    import pyarrow.parquet as pq
+
+    from raydistill.config import load_config
+    from raydistill.dtypes import engine_dtype
+    from raydistill.schema import parquet_files
+    from raydistill.student.train import train
+    from raydistill.tasks.task import task_for
+    from raydistill.teacher.generate import generate
+
+    work = (REPO / args.work).resolve()
+    base = load_config(CONFIG)
+    n_teacher = max([*sizes, args.recipe_size])
+    common = [f"run_dir={work}/teacher", "train.checkpoint_every=0", "train.val_fraction=0.0"]
+
+    def stage_config(extra: list[str]):
+        return load_config(CONFIG, [*common, *extra])
+
+    # 1. the teacher, once: train queries (with top-5 logprobs for the KL row) and the eval split
+    timings: dict[str, float] = {}
+    teacher_cfg = stage_config([f"teacher.max_rows={n_teacher}", "teacher.logprobs=5"])
+    t = time.time()
+    generate(teacher_cfg, resume=True)
+    timings["teacher_train_queries_s"] = time.time() - t
+    eval_cfg = stage_config([f"run_dir={work}/teacher-eval", f"queries.train_path={base.queries.eval_path}",
+                             "teacher.max_rows=100000"])
+    generate(eval_cfg, resume=True)
+    eval_table = pq.read_table(parquet_files(work / "teacher-eval" / "samples")).to_pylist()
+    teacher = {r["id"]: r for r in eval_table}
+    ids = sorted(teacher)
+    queries = [teacher[i]["query"] for i in ids]
+    task = task_for(base.task)
+    n_eval = len(ids)
+    teacher_acc = sum(teacher[i]["label"] == teacher[i]["gold"] for i in ids) / n_eval
+    teacher_manifest = json.loads((work / "teacher" / "samples" / "_manifest.json").read_text())
+    per_query_s = teacher_manifest["counts"]["wall_s"] / max(1, teacher_manifest["counts"]["queries"])
+    print(f"teacher: {n_eval} eval queries, accuracy {teacher_acc:.1%}; {per_query_s:.3f} s per train query", flush=True)
+
+    def row(name: str, n_queries: int, overrides: list[str], samples_from: Path, sampled_s_per_query: float) -> dict:
+        run = work / name
+        if (run / "row.json").is_file():
+            return json.loads((run / "row.json").read_text())
+        n_samples_dir = run / "samples"
+        if not n_samples_dir.exists():
+            subset_samples(samples_from, n_samples_dir, n_queries)
+        rows_n = pq.read_metadata(n_samples_dir / "part-0.parquet").num_rows
+        epochs = max(1, math.ceil(MIN_EXAMPLE_PASSES / rows_n))
+        cfg = stage_config([f"run_dir={run}", f"train.epochs={epochs}", *overrides])
+        t0 = time.time()
+        train(cfg, overwrite=True)
+        train_s = time.time() - t0
+        student_task = task_for(cfg.task)  # the student's chat as it was trained
+        answers = student_labels(run / "student" / "merged", student_task, queries,
+                                 engine_dtype(cfg.serve.dtype, "cpu"), run)
+        result = {"name": name, "queries": n_queries, "samples": rows_n, "epochs": epochs,
+                  **score(teacher, answers, ids, student_task), "teacher_s": round(n_queries * sampled_s_per_query, 1),
+                  "train_s": round(train_s, 1), "overrides": overrides}
+        result["wall_s"] = round(result["teacher_s"] + result["train_s"], 1)
+        (run / "row.json").write_text(json.dumps(result, indent=2))
+        print(f"row {name}: {result}", flush=True)
+        return result
+
+    samples = work / "teacher" / "samples"
+    curve = [row(f"label-{n}", n, [], samples, per_query_s) for n in sizes]
+    recipe_rows = [next((r for r in curve if r["queries"] == args.recipe_size), None)
+                   or row(f"label-{args.recipe_size}", args.recipe_size, [], samples, per_query_s)]
+    n = args.recipe_size
+    if "response" in recipes:
+        recipe_rows.append(row(f"response-{n}", n, ["train.target=response"], samples, per_query_s))
+    if "kl" in recipes:
+        recipe_rows.append(row(f"kl-{n}", n, ["train.target=response", "train.kl_weight=0.5"], samples, per_query_s))
+    if "k4" in recipes:
+        k_cfg = stage_config([f"run_dir={work}/teacher-k4", f"teacher.max_rows={args.k4_size}", "teacher.temperature=1.0",
+                              "teacher.samples_per_query=4"])
+        t = time.time()
+        generate(k_cfg, resume=True)
+        k_manifest = json.loads((work / "teacher-k4" / "samples" / "_manifest.json").read_text())
+        k_per_query = k_manifest["counts"]["wall_s"] / max(1, k_manifest["counts"]["queries"])
+        timings["teacher_k4_s"] = time.time() - t
+        recipe_rows.append(row(f"k4-{args.k4_size}", args.k4_size, [], work / "teacher-k4" / "samples", k_per_query))
+    if "system-default" in recipes:
+        other = "default" if task.student_system_prompt != "default" else "none"
+        recipe_rows.append(row(f"system-{other}-{n}", n, [f"task.student_system_prompt={other}"], samples, per_query_s))
+
+    out = {
+        "command": "python bench/distill_bench.py " + " ".join(sys.argv[1:]),
+        "config": str(CONFIG.relative_to(REPO)), "task": task.name, "eval_queries": n_eval,
+        "teacher": {"eval_accuracy": round(teacher_acc, 4), "seconds_per_query": round(per_query_s, 3),
+                    "eval_parse_rate": round(sum(teacher[i]["valid"] for i in ids) / n_eval, 4)},
+        "min_example_passes": MIN_EXAMPLE_PASSES, "learning_curve": curve, "recipes": recipe_rows, "timings": timings,
+    }
+    if args.demo_run:
+        manifest = json.loads((Path(args.demo_run) / "eval" / "_manifest.json").read_text())
+        out["ratios"] = {k: manifest["metrics"]["payoff"].get(k) for k in RATIO_KEYS}
+        out["ratios_source"] = f"{args.demo_run}/eval/_manifest.json (raydistill demo, teacher and student served)"
+    previous = json.loads((RESULTS / "distill.json").read_text()) if (RESULTS / "distill.json").is_file() else {}
+    if "ratios" not in out and "ratios" in previous:  # keep the demo's numbers when only the bench re-ran
+        out["ratios"], out["ratios_source"] = previous["ratios"], previous.get("ratios_source")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "distill.json").write_text(json.dumps(out, indent=2) + "\n")
+    (RESULTS / "distill.md").write_text(render_markdown(out))
+    print(render_markdown(out), flush=True)
+
+
+def render_markdown(out: dict[str, Any]) -> str:
+    def pct(x: float) -> str:
+        return f"{100 * x:.1f}%"
+
+    def ci(pair: list[float]) -> str:
+        return f"[{100 * pair[0]:.1f}, {100 * pair[1]:.1f}]"
+
+    def table(rows: list[dict]) -> list[str]:
+        lines = ["| row | queries | samples | epochs | agreement [95% CI] | student accuracy [95% CI] | student parse | "
+                 "wall (teacher + train) |", "|---|---:|---:|---:|---|---|---:|---:|"]
+        for r in rows:
+            lines.append(f"| {r['name']} | {r['queries']} | {r['samples']} | {r['epochs']} | {pct(r['agreement'])} "
+                         f"{ci(r['agreement_ci95'])} | {pct(r['student_accuracy'])} {ci(r['student_accuracy_ci95'])} | "
+                         f"{pct(r['student_parse_rate'])} | {r['wall_s']:.0f} s ({r['teacher_s']:.0f} + {r['train_s']:.0f}) |")
+        return lines
+
+    t = out["teacher"]
+    lines = ["# Distillation recipe: learning curve and recipe table", "",
+             f"`{out['command']}` on `{out['config']}` (task `{out['task']}`); {out['eval_queries']} eval queries. "
+             f"Teacher on the eval split: accuracy {pct(t['eval_accuracy'])}, parse rate {pct(t['eval_parse_rate'])}, "
+             f"{t['seconds_per_query']} s per labelled train query.", "", "## Learning curve (label target)", "",
+             *table(out["learning_curve"]), "", "## Recipes", "", *table(out["recipes"])]
+    if out.get("ratios"):
+        r = out["ratios"]
+        lines += ["", f"## The demo's headline ({out.get('ratios_source')})", "", "| key | value |", "|---|---:|"]
+        lines += [f"| {k} | {r[k]} |" for k in RATIO_KEYS if k in r]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
