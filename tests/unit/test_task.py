@@ -135,3 +135,12 @@ def test_student_system_prompt(langid, setting, first):
         assert messages[0] == {"role": "system", "content": first}
     own = [{"role": "system", "content": "mine"}, {"role": "user", "content": "Hola"}]
     assert task.with_student_system(own) == own  # a client's own system message wins
+
+
+def test_pipeline_config_overrides_the_student_system_prompt():
+    from raydistill.config import TaskConfig
+    from raydistill.tasks.task import task_for
+
+    assert task_for(TaskConfig(name="langid-long")).student_system_prompt == "none"
+    task = task_for(TaskConfig(name="langid-long", student_system_prompt="default"))
+    assert task.student_system_prompt == "default" and task.student_messages("x") == [{"role": "user", "content": "x"}]
