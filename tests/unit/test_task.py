@@ -144,3 +144,19 @@ def test_pipeline_config_overrides_the_student_system_prompt():
     assert task_for(TaskConfig(name="langid-long")).student_system_prompt == "none"
     task = task_for(TaskConfig(name="langid-long", student_system_prompt="default"))
     assert task.student_system_prompt == "default" and task.student_messages("x") == [{"role": "user", "content": "x"}]
+
+
+@pytest.mark.parametrize("name", ["langid", "langid-long", "langid-rules"])
+def test_every_builtin_task_loads_and_parses(name):
+    task = load_task(name)
+    assert task.parse("This text is written in Spanish.").label == "es"
+    assert task.parse("the Khmer language").label == "ot"
+    messages = task.teacher_messages("Hola")
+    assert messages[-1]["content"].endswith("Hola")
+
+
+def test_rules_prompt_is_long_and_covers_the_hard_cases():
+    prompt = load_task("langid-rules").system_prompt
+    assert len(prompt.split()) >= 500
+    for topic in ("code", "URL", "numbers", "Mixed text", "Urdu", "Ukrainian"):
+        assert topic in prompt
