@@ -11,8 +11,8 @@ samples and labels the eval split with it (plain vLLM, greedy, the student's ser
 
 * learning curve: the number of teacher-labelled queries (``--sizes``), label target;
 * recipe table at ``--recipe-size`` queries: label target vs the raw response vs KL on the
-  teacher's top-5 (weight 0.5), and the student's system prompt ("none" vs the chat template's
-  default); and 4 samples per query at temperature 1 (label target) on ``--k4-size`` queries,
+  teacher's top-5 (weight 0.5), and the student's system prompt (the chat template's default,
+  to compare with the response row, whose task sets "none"); and 4 samples per query at temperature 1 (label target) on ``--k4-size`` queries,
   to compare with the curve's point of that size.
 
 Each row reports agreement with the teacher and student accuracy with 95% Wilson intervals
@@ -189,7 +189,7 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
     if "response" in recipes:
         recipe_rows.append(row(f"response-{n}", n, ["train.target=response"], samples, per_query_s))
     if "kl" in recipes:
-        recipe_rows.append(row(f"kl-{n}", n, ["train.target=response", "train.kl_weight=0.5"], samples, per_query_s))
+        recipe_rows.append(row(f"kl-{n}", n, ["train.target=response", "train.kl_weight=0.5", "teacher.logprobs=5"], samples, per_query_s))
     if "k4" in recipes:
         k_cfg = stage_config([f"run_dir={work}/teacher-k4", f"teacher.max_rows={args.k4_size}", "teacher.temperature=1.0",
                               "teacher.samples_per_query=4"])
@@ -201,7 +201,8 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
         recipe_rows.append(row(f"k4-{args.k4_size}", args.k4_size, [], work / "teacher-k4" / "samples", k_per_query))
     if "system-default" in recipes:
         other = "default" if task.student_system_prompt != "default" else "none"
-        recipe_rows.append(row(f"system-{other}-{n}", n, [f"task.student_system_prompt={other}"], samples, per_query_s))
+        recipe_rows.append(row(f"system-{other}-{n}", n, ["train.target=response", f"task.student_system_prompt={other}"],
+                               samples, per_query_s))
 
     out = {
         "command": "python bench/distill_bench.py " + " ".join(sys.argv[1:]),
