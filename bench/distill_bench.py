@@ -174,6 +174,7 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
         answers = student_labels(run / "student" / "merged", student_task, queries,
                                  engine_dtype(cfg.serve.dtype, "cpu"), run)
         result = {"name": name, "queries": n_queries, "samples": rows_n, "epochs": epochs,
+                  "target": cfg.train.target, "student_system_prompt": student_task.student_system_prompt,
                   **score(teacher, answers, ids, student_task), "teacher_s": round(n_queries * sampled_s_per_query, 1),
                   "train_s": round(train_s, 1), "overrides": overrides}
         result["wall_s"] = round(result["teacher_s"] + result["train_s"], 1)
@@ -245,7 +246,11 @@ def render_markdown(out: dict[str, Any]) -> str:
              f"`{out['command']}` on `{out['config']}` (task `{out['task']}`); {out['eval_queries']} eval queries. "
              f"Teacher on the eval split: accuracy {pct(t['eval_accuracy'])}, parse rate {pct(t['eval_parse_rate'])}, "
              f"{t['seconds_per_query']} s per labelled train query.", "", "## Learning curve (label target)", "",
-             *table(out["learning_curve"]), "", "## Recipes", "", *table(out["recipes"])]
+             *table(out["learning_curve"]), "", "## Recipes", "", *table(out["recipes"]), "",
+             "Rows train on the teacher's response unless named label-; the student's system message is the "
+             "task's (" + ", ".join(f"{r['name']}: {r.get('student_system_prompt', '?')}" for r in out["recipes"]) + ")."]
+    if out.get("notes"):
+        lines += ["", out["notes"]]
     if out.get("ratios"):
         r = out["ratios"]
         lines += ["", f"## The demo's headline ({out.get('ratios_source')})", "", "| key | value |", "|---|---:|"]
