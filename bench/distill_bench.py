@@ -116,7 +116,14 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
                         help="recipe rows at --recipe-size besides the label-target curve point")
     parser.add_argument("--work", default="runs/distill-bench")
     parser.add_argument("--demo-run", default=None, help="a finished `raydistill demo` run to quote in ratios")
+    parser.add_argument("--quote-only", action="store_true",
+                        help="with --demo-run: only put that run's numbers into the existing results")
     args = parser.parse_args()
+    if args.quote_only:
+        out = json.loads((RESULTS / "distill.json").read_text())
+        out.update(quote_demo(Path(args.demo_run)))
+        write_results(out)
+        return
     sizes = sorted(int(s) for s in args.sizes.split(","))
     recipes = [r for r in args.recipes.split(",") if r]
 
@@ -213,12 +220,21 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
         "min_example_passes": MIN_EXAMPLE_PASSES, "learning_curve": curve, "recipes": recipe_rows, "timings": timings,
     }
     if args.demo_run:
-        manifest = json.loads((Path(args.demo_run) / "eval" / "_manifest.json").read_text())
-        out["ratios"] = {k: manifest["metrics"]["payoff"].get(k) for k in RATIO_KEYS}
-        out["ratios_source"] = f"{args.demo_run}/eval/_manifest.json (raydistill demo, teacher and student served)"
+        out.update(quote_demo(Path(args.demo_run)))
     previous = json.loads((RESULTS / "distill.json").read_text()) if (RESULTS / "distill.json").is_file() else {}
     if "ratios" not in out and "ratios" in previous:  # keep the demo's numbers when only the bench re-ran
         out["ratios"], out["ratios_source"] = previous["ratios"], previous.get("ratios_source")
+    write_results(out)
+
+
+def quote_demo(run: Path) -> dict[str, Any]:
+    """The headline of a finished demo run (teacher and student served side by side)."""
+    manifest = json.loads((run / "eval" / "_manifest.json").read_text())
+    return {"ratios": {k: manifest["metrics"]["payoff"].get(k) for k in RATIO_KEYS},
+            "ratios_source": f"{run}/eval/_manifest.json (raydistill demo at git {manifest.get('git_revision', '?')})"}
+
+
+def write_results(out: dict[str, Any]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "distill.json").write_text(json.dumps(out, indent=2) + "\n")
     (RESULTS / "distill.md").write_text(render_markdown(out))

@@ -141,9 +141,9 @@ def test_pipeline_config_overrides_the_student_system_prompt():
     from raydistill.config import TaskConfig
     from raydistill.tasks.task import task_for
 
-    assert task_for(TaskConfig(name="langid-long")).student_system_prompt == "none"
-    task = task_for(TaskConfig(name="langid-long", student_system_prompt="default"))
-    assert task.student_system_prompt == "default" and task.student_messages("x") == [{"role": "user", "content": "x"}]
+    assert task_for(TaskConfig(name="langid-long")).student_system_prompt == "default"
+    task = task_for(TaskConfig(name="langid-long", student_system_prompt="none"))
+    assert task.student_system_prompt == "none" and task.student_messages("x")[0] == {"role": "system", "content": ""}
 
 
 @pytest.mark.parametrize("name", ["langid", "langid-long", "langid-rules"])
