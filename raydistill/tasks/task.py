@@ -88,7 +88,7 @@ class TaskSpec(BaseModel):
         demo_labels = [d.label for d in self.demonstrations]
         unknown = sorted({v for v in [*self.aliases.values(), self.fallback_label, self.other_languages_label, *demo_labels] if v and v not in self.labels})
         if unknown:
-            raise ValueError(f"aliases map to unknown labels {unknown}; add them to labels")
+            raise ValueError(f"aliases, fallback labels or demonstrations name unknown labels {unknown}; add them to labels")
         return self
 
     # ---- the target prompt ------------------------------------------------------------
