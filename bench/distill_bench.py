@@ -99,9 +99,16 @@ def score(teacher: dict[str, dict], student_answers: list[str], ids: list[str], 
 
     n = len(ids)
     labels = [task.parse(a).label for a in student_answers]
-    agree = sum(lab is not None and lab == teacher[i]["label"] for lab, i in zip(labels, ids))
+    agrees = [lab is not None and lab == teacher[i]["label"] for lab, i in zip(labels, ids)]
+    agree = sum(agrees)
     right = sum(lab == teacher[i]["gold"] for lab, i in zip(labels, ids))
-    return {"n": n, "agreement": round(agree / n, 4), "agreement_ci95": [round(x, 4) for x in wilson_interval(agree, n)],
+    # Where agreement is lost: copying the teacher's right answers is easy, its mistakes are not.
+    teacher_right = [teacher[i]["label"] == teacher[i]["gold"] for i in ids]
+    n_right = sum(teacher_right)
+    split = {"teacher_right": n_right, "agree_where_teacher_right": sum(a for a, r in zip(agrees, teacher_right) if r),
+             "agree_where_teacher_wrong": sum(a for a, r in zip(agrees, teacher_right) if not r)}
+    return {"n": n, **split, "agreement": round(agree / n, 4),
+            "agreement_ci95": [round(x, 4) for x in wilson_interval(agree, n)],
             "student_accuracy": round(right / n, 4),
             "student_accuracy_ci95": [round(x, 4) for x in wilson_interval(right, n)],
             "student_parse_rate": round(sum(lab is not None for lab in labels) / n, 4)}
@@ -114,6 +121,10 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
     parser.add_argument("--k4-size", type=int, default=100, help="queries for the 4-samples row (compare label-<n>)")
     parser.add_argument("--recipes", default="response,kl,k4,system-default",
                         help="recipe rows at --recipe-size besides the label-target curve point")
+    parser.add_argument("--recipe-curve", default="300,1000",
+                        help="sizes for a second curve with the demo's recipe (response target, default system message)")
+    parser.add_argument("--capacity", default="mlp-lora,full",
+                        help="student-capacity rows at --recipe-size with the demo's recipe: LoRA on the MLP too, full FT")
     parser.add_argument("--work", default="runs/distill-bench")
     parser.add_argument("--demo-run", default=None, help="a finished `raydistill demo` run to quote in ratios")
     parser.add_argument("--quote-only", action="store_true",
@@ -138,7 +149,9 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
 
     work = (REPO / args.work).resolve()
     base = load_config(CONFIG)
-    n_teacher = max([*sizes, args.recipe_size])
+    recipe_sizes = sorted(int(s) for s in args.recipe_curve.split(",") if s)
+    capacity = [c for c in args.capacity.split(",") if c]
+    n_teacher = max([*sizes, *recipe_sizes, args.recipe_size])
     common = [f"run_dir={work}/teacher", "train.checkpoint_every=0", "train.val_fraction=0.0"]
 
     def stage_config(extra: list[str]):
@@ -167,7 +180,11 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
     def row(name: str, n_queries: int, overrides: list[str], samples_from: Path, sampled_s_per_query: float) -> dict:
         run = work / name
         if (run / "row.json").is_file():
-            return json.loads((run / "row.json").read_text())
+            cached = json.loads((run / "row.json").read_text())
+            if (run / "answers.json").is_file():  # re-score: the scoring may have grown since
+                cached.update(score(teacher, json.loads((run / "answers.json").read_text()), ids, task_for(
+                    stage_config([f"run_dir={run}", *overrides]).task)))
+            return cached
         n_samples_dir = run / "samples"
         if not n_samples_dir.exists():
             subset_samples(samples_from, n_samples_dir, n_queries)
@@ -207,17 +224,27 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
         k_per_query = k_manifest["counts"]["wall_s"] / max(1, k_manifest["counts"]["queries"])
         timings["teacher_k4_s"] = time.time() - t
         recipe_rows.append(row(f"k4-{args.k4_size}", args.k4_size, [], work / "teacher-k4" / "samples", k_per_query))
-    if "system-default" in recipes:
-        other = "default" if task.student_system_prompt != "default" else "none"
-        recipe_rows.append(row(f"system-{other}-{n}", n, ["train.target=response", f"task.student_system_prompt={other}"],
-                               samples, per_query_s))
+    if "system-default" in recipes:  # the student's system message: none (an empty turn) vs the template's default
+        for choice in ("none", "default"):
+            recipe_rows.append(row(f"system-{choice}-{n}", n, ["train.target=response", f"task.student_system_prompt={choice}"],
+                                   samples, per_query_s))
+
+    # The demo's recipe (what jobs/configs/demo_cpu.yaml trains) over the number of queries, and
+    # with more student capacity: where does agreement reach 90%?
+    demo_recipe = ["train.target=response", "task.student_system_prompt=default"]
+    recipe_curve = [row(f"system-default-{n}", n, demo_recipe, samples, per_query_s) for n in recipe_sizes]
+    all_linear = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+    capacity_overrides = {"mlp-lora": [f"train.lora_target_modules={all_linear}"],
+                          "full": ["train.method=full", "train.learning_rate=1e-4"]}
+    capacity_rows = [row(f"{c}-{n}", n, [*demo_recipe, *capacity_overrides[c]], samples, per_query_s) for c in capacity]
 
     out = {
         "command": "python bench/distill_bench.py " + " ".join(sys.argv[1:]),
         "config": str(CONFIG.relative_to(REPO)), "task": task.name, "eval_queries": n_eval,
         "teacher": {"eval_accuracy": round(teacher_acc, 4), "seconds_per_query": round(per_query_s, 3),
                     "eval_parse_rate": round(sum(teacher[i]["valid"] for i in ids) / n_eval, 4)},
-        "min_example_passes": MIN_EXAMPLE_PASSES, "learning_curve": curve, "recipes": recipe_rows, "timings": timings,
+        "min_example_passes": MIN_EXAMPLE_PASSES, "learning_curve": curve, "recipes": recipe_rows,
+        "recipe_curve": recipe_curve, "capacity": capacity_rows, "timings": timings,
     }
     if args.demo_run:
         out.update(quote_demo(Path(args.demo_run)))
@@ -249,11 +276,18 @@ def render_markdown(out: dict[str, Any]) -> str:
         return f"[{100 * pair[0]:.1f}, {100 * pair[1]:.1f}]"
 
     def table(rows: list[dict]) -> list[str]:
-        lines = ["| row | queries | samples | epochs | agreement [95% CI] | student accuracy [95% CI] | student parse | "
-                 "wall (teacher + train) |", "|---|---:|---:|---:|---|---|---:|---:|"]
+        lines = ["| row | queries | samples | epochs | agreement [95% CI] | agrees where teacher right / wrong | "
+                 "student accuracy [95% CI] | student parse | wall (teacher + train) |",
+                 "|---|---:|---:|---:|---|---|---|---:|---:|"]
         for r in rows:
+            split = "—"
+            if "teacher_right" in r:
+                wrong = r["n"] - r["teacher_right"]
+                split = (f"{r['agree_where_teacher_right']}/{r['teacher_right']} "
+                         f"({pct(r['agree_where_teacher_right'] / r['teacher_right'])}) / "
+                         f"{r['agree_where_teacher_wrong']}/{wrong} ({pct(r['agree_where_teacher_wrong'] / wrong)})")
             lines.append(f"| {r['name']} | {r['queries']} | {r['samples']} | {r['epochs']} | {pct(r['agreement'])} "
-                         f"{ci(r['agreement_ci95'])} | {pct(r['student_accuracy'])} {ci(r['student_accuracy_ci95'])} | "
+                         f"{ci(r['agreement_ci95'])} | {split} | {pct(r['student_accuracy'])} {ci(r['student_accuracy_ci95'])} | "
                          f"{pct(r['student_parse_rate'])} | {r['wall_s']:.0f} s ({r['teacher_s']:.0f} + {r['train_s']:.0f}) |")
         return lines
 
@@ -264,7 +298,15 @@ def render_markdown(out: dict[str, Any]) -> str:
              f"{t['seconds_per_query']} s per labelled train query.", "", "## Learning curve (label target)", "",
              *table(out["learning_curve"]), "", "## Recipes", "", *table(out["recipes"]), "",
              "Rows train on the teacher's response unless named label-; the student's system message is the "
-             "task's (" + ", ".join(f"{r['name']}: {r.get('student_system_prompt', '?')}" for r in out["recipes"]) + ")."]
+             "task's (" + ", ".join(f"{r['name']}: {r.get('student_system_prompt', '?')}" for r in out["recipes"]) + ").",
+             ""]
+    if out.get("recipe_curve"):
+        lines += ["## Learning curve (the demo's recipe: response target, default system message)", "",
+                  *table(out["recipe_curve"]), ""]
+    if out.get("capacity"):
+        lines += ["## Student capacity (the demo's recipe)", "", *table(out["capacity"]), "",
+                  "mlp-lora: LoRA rank 16 on the attention and MLP projections (the demo: attention only); "
+                  "full: every weight trained (learning rate 1e-4).", ""]
     if out.get("notes"):
         lines += ["", out["notes"]]
     if out.get("ratios"):
