@@ -1,27 +1,36 @@
-"""Teacher sampling throughput, side by side in one run on one machine:
+"""Teacher sampling throughput, side by side in one run on one machine, on the demo's task:
 
-  (a) ``raydistill generate`` (Ray Data + ray.data.llm vLLM actor, parse, Parquet);
-  (b) a plain vLLM ``LLM.generate`` over all prompts in one process;
-  (c) a plain batched transformers ``generate`` loop;
+  (a) ``raydistill generate`` (Ray Data + the ray.data.llm vLLM actor, parse, Parquet);
+  (b) plain vLLM with the same engine arguments, three ways: ``LLM.generate`` in-process
+      (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), ``LLM.generate`` with the engine core in its own
+      process (vLLM's default), and ``AsyncLLM`` with every request submitted at once (what
+      ray.data.llm runs inside its actor);
+  (c) a plain batched transformers ``generate`` loop (on a subset: it is slow);
 
-each with the target prompt ("prompted") and with bare queries ("bare": what the student sees),
-on the same model (SmolLM2-135M-Instruct), the same rendered prompts, greedy, 8 new tokens.
+each with the target prompt ("prompted": ``langid-long``, ~1,350 tokens, prefix-cached) and
+with bare queries ("bare": what the student sees), on the same model (SmolLM2-135M-Instruct),
+the same rendered prompts, greedy, 8 new tokens.
 
-    scripts/loopback-only .venv/bin/python bench/generate_bench.py
+    scripts/loopback-only .venv/bin/python bench/generate_bench.py [--queries 256]
 
-Writes ``bench/results/generate.{json,md}``. End-to-end = process start to last sample
-(engine start included); steady state = after the engine is up: for (a) rows of all but the
-first Parquet file over the time between the first and the last file; for (b) the single
-``generate`` call; for (c) all batches after the first.
+Writes ``bench/results/generate.{json,md}``. Two rates per row:
+* end-to-end: process start to the last sample (Ray, engine start-up and model load included);
+* generation: engine ready to the last output, the rate a long run converges to. For (a) engine
+  ready is the engine's ``init engine`` log line and the end the last Parquet file's mtime; for
+  (b) the ``generate`` call (all requests at once); for (c) all batches after the first.
+``ratios.raydistill_over_best_plain_vllm`` is (a) over the fastest of (b), generation rate,
+prompted.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -33,6 +42,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 MODEL = "builtin:smollm2-135m-instruct"
+PROMPTED_TASK = "langid-long"  # the demo's task
 MARKER = "BENCH-RESULT "  # engines print to stdout too; the result line is the one with this prefix
 TEACHER = {"model": MODEL, "dtype": "float32", "enforce_eager": True, "temperature": 0.0, "max_tokens": 8,
            "batch_size": 64, "rows_per_file": 256}
@@ -50,7 +60,8 @@ def make_queries(n: int, path: Path) -> None:
 
 
 def bare_task(path: Path) -> None:
-    """The langid task without its target prompt: the bare query, as the student sees it."""
+    """The langid task without its target prompt: the bare query, as the student sees it
+    (no system message, so the chat template's default one, as the demo's student)."""
     spec = yaml.safe_load((REPO / "raydistill" / "tasks" / "langid" / "task.yaml").read_text())
     spec.pop("system_prompt_file", None)
     spec.update(name="langid-bare", user_template="{query}", assistant_prefix="")
@@ -72,28 +83,51 @@ def prompts(task_name: str, queries: Path, limit: int | None = None) -> list[str
 
 # ---- (b) and (c): run in their own process, print one JSON line -------------------------------
 
-def plain_vllm(task_name: str, queries: Path) -> dict:
+PLAIN_VLLM = ("vllm-inproc", "vllm-mp", "vllm-async")
+
+
+def plain_vllm(kind: str, task_name: str, queries: Path) -> dict:
+    """One of PLAIN_VLLM, with raydistill's engine arguments; the environment is set before vLLM loads."""
     t0 = time.time()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    from vllm import LLM, SamplingParams
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if kind == "vllm-inproc" else "1"
+    import vllm
+    from vllm import SamplingParams
 
     from raydistill.config import TeacherConfig
     from raydistill.models import resolve_model
     from raydistill.teacher.generate import engine_kwargs
 
     texts = prompts(task_name, queries)
-    llm = LLM(model=resolve_model(MODEL), **engine_kwargs(TeacherConfig(**TEACHER)))
+    kwargs = {"model": resolve_model(MODEL), **engine_kwargs(TeacherConfig(**TEACHER))}
     params = SamplingParams(temperature=0.0, max_tokens=TEACHER["max_tokens"])
-    t1 = time.time()
-    outputs = llm.generate(texts, params, use_tqdm=False)
-    t2 = time.time()
+    if kind == "vllm-async":
+        engine = vllm.AsyncLLMEngine.from_engine_args(vllm.AsyncEngineArgs(**kwargs))
+
+        async def one(i: int, text: str):
+            final = None
+            async for out in engine.generate(text, params, request_id=str(i)):
+                final = out
+            return final
+
+        async def run_all():
+            return await asyncio.gather(*(one(i, t) for i, t in enumerate(texts)))
+
+        t1 = time.time()
+        outputs = asyncio.run(run_all())
+        t2 = time.time()
+        engine.shutdown()
+    else:
+        llm = vllm.LLM(**kwargs)
+        t1 = time.time()
+        outputs = llm.generate(texts, params, use_tqdm=False)
+        t2 = time.time()
     return {"queries": len(outputs), "end_to_end_s": t2 - t0, "steady_s": t2 - t1,
             "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
             "input_tokens": sum(len(o.prompt_token_ids) for o in outputs)}
 
 
-def plain_hf(task_name: str, queries: Path, limit: int, batch_size: int = 32) -> dict:
+def plain_hf(task_name: str, queries: Path, limit: int, batch_size: int = 16) -> dict:
     t0 = time.time()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -120,10 +154,13 @@ def plain_hf(task_name: str, queries: Path, limit: int, batch_size: int = 32) ->
 
 # ---- (a): the real CLI -----------------------------------------------------------------------
 
-def run_raydistill(task_name: str, queries: Path, work: Path) -> dict:
+ENGINE_READY = re.compile(r"INFO (\d\d-\d\d \d\d:\d\d:\d\d) \[core\.py:\d+\] init engine")
+
+
+def run_raydistill(task_name: str, queries: Path, work: Path, n: int) -> dict:
     config = {"run_dir": str(work / f"run-{Path(task_name).stem}"), "task": {"name": task_name},
               "queries": {"train_path": str(queries), "eval_path": str(queries)},
-              "teacher": TEACHER, "cluster": {"num_cpus": 4}}
+              "teacher": {**TEACHER, "max_rows": n}, "cluster": {"num_cpus": 4}}
     cfg = work / f"config-{Path(task_name).stem}.yaml"
     cfg.write_text(yaml.safe_dump(config))
     t0 = time.time()
@@ -135,11 +172,15 @@ def run_raydistill(task_name: str, queries: Path, work: Path) -> dict:
     import pyarrow.parquet as pq
 
     samples = Path(config["run_dir"]) / "samples"
-    files = sorted((f.stat().st_mtime, pq.read_metadata(f).num_rows) for f in samples.glob("*.parquet"))
+    last_file = max(f.stat().st_mtime for f in samples.glob("*.parquet"))
+    stamps = ENGINE_READY.findall(proc.stdout + proc.stderr)
+    if not stamps:
+        raise RuntimeError("no 'init engine' line in the generate log: cannot time the engine's share")
+    ready = time.mktime(time.strptime(f"{time.localtime(t0).tm_year}-{stamps[-1]}", "%Y-%m-%d %H:%M:%S"))
     counts = json.loads((samples / "_manifest.json").read_text())["counts"]
-    return {"queries": counts["rows"], "end_to_end_s": end_to_end,
-            "steady_s": files[-1][0] - files[0][0], "steady_queries": sum(n for _, n in files[1:]),
-            "files": len(files), "input_tokens": counts["input_tokens"], "output_tokens": counts["output_tokens"],
+    rows = sum(pq.read_metadata(f).num_rows for f in samples.glob("*.parquet"))
+    return {"queries": rows, "end_to_end_s": end_to_end, "steady_s": last_file - ready,
+            "input_tokens": counts["input_tokens"], "output_tokens": counts["output_tokens"],
             "parse_rate": counts["parse_rate"]}
 
 
@@ -160,14 +201,14 @@ def rates(r: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--queries", type=int, default=2048)
-    parser.add_argument("--hf-queries", type=int, default=256, help="transformers is slow: time it on a subset")
-    parser.add_argument("--worker", choices=["vllm", "hf"])
+    parser.add_argument("--queries", type=int, default=256)
+    parser.add_argument("--hf-queries", type=int, default=48, help="transformers is slow: time it on a subset")
+    parser.add_argument("--worker", choices=[*PLAIN_VLLM, "hf"])
     parser.add_argument("--task")
     parser.add_argument("--queries-file")
     args = parser.parse_args()
-    if args.worker == "vllm":
-        print(MARKER + json.dumps(plain_vllm(args.task, Path(args.queries_file))), flush=True)  # noqa: T201
+    if args.worker in PLAIN_VLLM:
+        print(MARKER + json.dumps(plain_vllm(args.worker, args.task, Path(args.queries_file))), flush=True)  # noqa: T201
         return
     if args.worker == "hf":
         print(MARKER + json.dumps(plain_hf(args.task, Path(args.queries_file), args.hf_queries)), flush=True)  # noqa: T201
@@ -179,10 +220,11 @@ def main() -> None:
     bare = work / "langid-bare.yaml"
     bare_task(bare)
     results: dict[str, dict] = {}
-    for variant, task_name in (("prompted", "langid"), ("bare", str(bare))):
-        for system, fn in (("raydistill", lambda t: run_raydistill(t, queries, work)),
-                           ("vllm", lambda t: worker("vllm", t, queries, args.hf_queries)),
-                           ("transformers", lambda t: worker("hf", t, queries, args.hf_queries))):
+    systems = {"raydistill": lambda t: run_raydistill(t, queries, work, args.queries),
+               **{kind: (lambda t, k=kind: worker(k, t, queries, args.hf_queries)) for kind in PLAIN_VLLM},
+               "transformers": lambda t: worker("hf", t, queries, args.hf_queries)}
+    for variant, task_name in (("prompted", PROMPTED_TASK), ("bare", str(bare))):
+        for system, fn in systems.items():
             print(f"[bench] {system} / {variant} ...", file=sys.stderr, flush=True)  # noqa: T201
             results[f"{system}/{variant}"] = rates(fn(task_name))
             print(f"[bench] {system} / {variant}: {json.dumps(results[f'{system}/{variant}'])}", file=sys.stderr, flush=True)  # noqa: T201
@@ -195,28 +237,37 @@ def write(results: dict[str, dict], args: argparse.Namespace) -> None:
     import vllm
 
     r = results
-    ratios = {
-        "raydistill/vllm steady (prompted)": r["raydistill/prompted"]["qps_steady"] / r["vllm/prompted"]["qps_steady"],
-        "raydistill/vllm steady (bare)": r["raydistill/bare"]["qps_steady"] / r["vllm/bare"]["qps_steady"],
-        "raydistill/transformers steady (prompted)": r["raydistill/prompted"]["qps_steady"] / r["transformers/prompted"]["qps_steady"],
-        "raydistill/transformers steady (bare)": r["raydistill/bare"]["qps_steady"] / r["transformers/bare"]["qps_steady"],
-        "raydistill prompted/bare time per query (steady)": r["raydistill/bare"]["qps_steady"] / r["raydistill/prompted"]["qps_steady"],
-        "vllm prompted/bare time per query (steady)": r["vllm/bare"]["qps_steady"] / r["vllm/prompted"]["qps_steady"],
-    }
+
+    def gen(key: str) -> float:
+        return r[key]["qps_steady"]
+
+    ratios: dict[str, float] = {}
+    for variant in ("prompted", "bare"):
+        best = max(PLAIN_VLLM, key=lambda k, v=variant: gen(f"{k}/{v}"))
+        suffix = "" if variant == "prompted" else "_bare"
+        ratios[f"raydistill_over_best_plain_vllm{suffix}"] = gen(f"raydistill/{variant}") / gen(f"{best}/{variant}")
+        ratios[f"best_plain_vllm{suffix}"] = best  # type: ignore[assignment]
+        ratios[f"raydistill_over_transformers{suffix}"] = gen(f"raydistill/{variant}") / gen(f"transformers/{variant}")
+        ratios[f"raydistill_over_best_plain_vllm_end_to_end{suffix}"] = (
+            r[f"raydistill/{variant}"]["qps_end_to_end"] / max(r[f"{k}/{variant}"]["qps_end_to_end"] for k in PLAIN_VLLM))
+    ratios["raydistill_prompted_over_bare_time_per_query"] = gen("raydistill/bare") / gen("raydistill/prompted")
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "vllm": vllm.__version__, "torch": torch.__version__, "model": MODEL, "teacher": TEACHER,
-            "queries": args.queries, "hf_queries": args.hf_queries}
+            "queries": args.queries, "hf_queries": args.hf_queries, "prompted_task": PROMPTED_TASK,
+            "command": "python bench/generate_bench.py " + " ".join(sys.argv[1:])}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "generate.json").write_text(json.dumps({"meta": meta, "results": results, "ratios": ratios}, indent=2))
     lines = ["# Teacher sampling benchmark", "", f"{meta['date']}, {meta['machine']}, vllm {meta['vllm']}, "
-             f"torch {meta['torch']}, {MODEL}, fp32, greedy, {TEACHER['max_tokens']} new tokens.", "",
-             "| system | prompt | queries | end-to-end q/s | steady q/s | input tok/query |",
+             f"torch {meta['torch']}, {MODEL}, fp32, greedy, {TEACHER['max_tokens']} new tokens; prompted = task "
+             f"`{PROMPTED_TASK}`. `{meta['command']}`", "",
+             "| system | prompt | queries | end-to-end q/s | generation q/s | input tok/query |",
              "|---|---|---:|---:|---:|---:|"]
     for key, v in results.items():
         system, variant = key.split("/")
         tok = f"{v['input_tokens'] / v['queries']:.0f}" if "input_tokens" in v else "—"
         lines.append(f"| {system} | {variant} | {v['queries']} | {v['qps_end_to_end']:.2f} | {v['qps_steady']:.2f} | {tok} |")
-    lines += ["", "| ratio | value |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
+    lines += ["", "| ratio | value |", "|---|---:|"]
+    lines += [f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in ratios.items()]
     (RESULTS / "generate.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))  # noqa: T201
 
