@@ -77,6 +77,17 @@ def subset_samples(source: Path, target: Path, n_queries: int) -> int:
     return len(ids)
 
 
+def grow_teacher(samples: Path, n_queries: int) -> None:
+    """A finished teacher run with fewer than ``n_queries`` queries becomes an interrupted one, so
+    ``generate --resume`` labels only the missing queries (``teacher.max_rows`` takes the first
+    rows of the train split, so the labelled ones are a prefix of the larger set)."""
+    manifest = samples / "_manifest.json"
+    if not manifest.is_file() or json.loads(manifest.read_text())["counts"]["queries"] >= n_queries:
+        return
+    manifest.unlink()
+    samples.rename(samples.with_name(f".{samples.name}.partial"))
+
+
 def student_labels(model_dir: Path, task: Any, queries: list[str], dtype: str, work: Path) -> list[str]:
     from transformers import AutoTokenizer
 
@@ -160,6 +171,7 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
     # 1. the teacher, once: train queries (with top-5 logprobs for the KL row) and the eval split
     timings: dict[str, float] = {}
     teacher_cfg = stage_config([f"teacher.max_rows={n_teacher}", "teacher.logprobs=5"])
+    grow_teacher(work / "teacher" / "samples", n_teacher)
     t = time.time()
     generate(teacher_cfg, resume=True)
     timings["teacher_train_queries_s"] = time.time() - t
@@ -174,7 +186,8 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
     n_eval = len(ids)
     teacher_acc = sum(teacher[i]["label"] == teacher[i]["gold"] for i in ids) / n_eval
     teacher_manifest = json.loads((work / "teacher" / "samples" / "_manifest.json").read_text())
-    per_query_s = teacher_manifest["counts"]["wall_s"] / max(1, teacher_manifest["counts"]["queries"])
+    counts = teacher_manifest["counts"]  # a grown run timed only the queries it added
+    per_query_s = counts["wall_s"] / max(1, counts["queries"] - counts.get("resumed_samples", 0))
     print(f"teacher: {n_eval} eval queries, accuracy {teacher_acc:.1%}; {per_query_s:.3f} s per train query", flush=True)
 
     def row(name: str, n_queries: int, overrides: list[str], samples_from: Path, sampled_s_per_query: float) -> dict:

@@ -160,6 +160,10 @@ class ServeConfig(_Section):
     block_size: int | None = 32
     enforce_eager: bool = False
     accelerator: Literal["cpu", "gpu"] = "cpu"
+    student_answer_prefix: bool = Field(
+        True, description="Force the task's answer prefix on the student's answers when it was trained to say it "
+        "(train.target=response): the prefix is prefilled, not decoded token by token, as for the teacher.",
+    )
 
 
 class EvalConfig(_Section):

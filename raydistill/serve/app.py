@@ -3,7 +3,9 @@
     ray job submit --working-dir . -- raydistill serve jobs/configs/demo_cpu.yaml
 
 Model names on ``/v1/chat/completions``:
-  - ``student``: the merged student, given the request as it is (no target prompt);
+  - ``student``: the merged student, given the request as it is (no target prompt); its answer
+    is forced to start with the task's answer prefix when it was trained to say that prefix, so
+    it prefills those tokens instead of decoding them one by one, as the teacher does;
   - ``teacher``: the teacher model with the task's target prompt injected *server-side*
     around the last user message, so clients send identical traffic to both;
   - ``base``: the teacher model without the prompt (what the student started from, when
@@ -99,23 +101,26 @@ class ModelServer:
 
 @dataclass(frozen=True)
 class Route:
-    """A public model name: which engine answers it, and whether the target prompt is injected."""
+    """A public model name: which engine answers it, whether the target prompt is injected, and
+    the text its answer is forced to start with (prefilled, and returned as part of the answer)."""
 
     engine: str
     inject_prompt: bool
+    answer_prefix: str = ""
 
 
-def routes_for(has_student: bool) -> dict[str, Route]:
-    """Public model names → engines. ``teacher`` and ``base`` share the teacher's engine."""
-    routes = {"teacher": Route("teacher", True), "base": Route("teacher", False)}
+def routes_for(has_student: bool, task: TaskSpec, student_prefix: bool = False) -> dict[str, Route]:
+    """Public model names → engines. ``teacher`` and ``base`` share the teacher's engine.
+    ``student_prefix``: the student was trained to start its answers with the task's prefix."""
+    routes = {"teacher": Route("teacher", True, task.assistant_prefix), "base": Route("teacher", False)}
     if has_student:
-        routes["student"] = Route("student", False)
+        routes["student"] = Route("student", False, task.assistant_prefix if student_prefix else "")
     return routes
 
 
-def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfig) -> Any:
+def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfig, *, student_prefix: bool = False) -> Any:
     """The Serve application: one ModelServer per engine (``teacher``, ``student``) and a router."""
-    routes = routes_for("student" in model_paths)
+    routes = routes_for("student" in model_paths, task, student_prefix)
     from pydantic import ValidationError
     from ray import serve
 
@@ -162,13 +167,11 @@ def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfi
             # student and base see the bare chat as the student was trained on it (the task's
             # student system message added); the teacher sees the target prompt around the query
             messages = task.with_student_system([m.model_dump() for m in req.messages])
-            prefix = ""
             if route.inject_prompt:
                 try:
                     messages = task.teacher_messages(req.last_user_text())
                 except ValueError:
                     return JSONResponse(error_body("messages hold no user message", "invalid_request_error", 400), 400)
-                prefix = task.assistant_prefix
             params = {"max_tokens": req.limit(DEFAULT_MAX_TOKENS), "temperature": req.temperature,
                       "top_p": req.top_p}
             if req.stop:
@@ -176,7 +179,7 @@ def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfi
             if req.seed is not None:
                 params["seed"] = req.seed
             try:
-                out = await self.handles[route.engine].generate.remote(messages, prefix, params)
+                out = await self.handles[route.engine].generate.remote(messages, route.answer_prefix, params)
             except ContextLengthError as exc:
                 return JSONResponse(error_body(str(exc), "context_length_exceeded", 400), 400)
             except Exception as exc:  # noqa: BLE001 - Ray wraps the replica's exception
@@ -184,7 +187,8 @@ def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfi
                 if isinstance(cause, ContextLengthError) or "ContextLengthError" in repr(exc):
                     return JSONResponse(error_body(str(cause or exc).splitlines()[-1], "context_length_exceeded", 400), 400)
                 raise
-            body = completion_body(req.model, out["text"], out["finish_reason"], out["prompt_tokens"], out["completion_tokens"])
+            # the forced prefix is part of the assistant's answer (its tokens count as prompt tokens)
+            body = completion_body(req.model, route.answer_prefix + out["text"], out["finish_reason"], out["prompt_tokens"], out["completion_tokens"])
             return JSONResponse(body)
 
     actor_options: dict[str, Any] = {"num_cpus": 1} if serve_cfg.accelerator == "cpu" else {"num_gpus": 1}

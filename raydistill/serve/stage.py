@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -23,6 +24,15 @@ def student_path(cfg: PipelineConfig) -> Path:
     return Path(cfg.run_dir).resolve() / "student" / "merged"
 
 
+def trained_target(cfg: PipelineConfig) -> str:
+    """What the run's student was trained to say (its manifest), else what the config asks for."""
+    manifest = Path(cfg.run_dir).resolve() / "student" / "_manifest.json"
+    try:
+        return str(json.loads(manifest.read_text())["config"]["train"]["target"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return cfg.train.target
+
+
 def start_serving(cfg: PipelineConfig, *, require_student: bool = True) -> str:
     """Deploy teacher (+ student when trained) and return the base URL once healthy."""
     task = task_for(cfg.task)
@@ -34,7 +44,8 @@ def start_serving(cfg: PipelineConfig, *, require_student: bool = True) -> str:
         raise DataError(f"no trained student at {str(merged)!r}; run `raydistill train` first")
     init_ray(cfg.cluster)
     started = time.time()
-    url = start(build_app(paths, task, cfg.serve), cfg.serve)
+    prefix = cfg.serve.student_answer_prefix and "student" in paths and trained_target(cfg) == "response"
+    url = start(build_app(paths, task, cfg.serve, student_prefix=prefix), cfg.serve)
     logger.info("serve: %s ready in %.1f s", sorted(paths), time.time() - started)
     return url
 

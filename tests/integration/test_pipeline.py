@@ -222,6 +222,8 @@ def test_serve_openai_api_and_bad_requests(served):
     assert ok.status_code == 200
     body = ok.json()
     assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] >= 1
+    # trained on the teacher's response: the answer prefix is prefilled, not decoded
+    assert body["choices"][0]["message"]["content"].startswith("This text is written in")
     bad = [
         (requests.post(chat, data="{not json", headers={"content-type": "application/json"}, timeout=30), 400),
         (requests.post(chat, json={"model": "student"}, timeout=30), 400),
@@ -235,6 +237,7 @@ def test_serve_openai_api_and_bad_requests(served):
     again = requests.post(chat, json={"model": "teacher", "messages": [{"role": "user", "content": "Bonjour"}],
                                       "max_tokens": 2}, timeout=120)
     assert again.status_code == 200  # still serving after the bad requests
+    assert again.json()["choices"][0]["message"]["content"].startswith("This text is written in")
     assert again.json()["usage"]["prompt_tokens"] > body["usage"]["prompt_tokens"]  # prompt injected server-side
 
 
