@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 # FastAPI resolves endpoint annotations by name in this module's globals (we use postponed
@@ -39,12 +38,10 @@ from raydistill.serve.openai_api import (
     error_body,
     models_body,
 )
+from raydistill.serve.routing import RequestError, plan_request, routes_for
 from raydistill.tasks.task import TaskSpec
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MAX_TOKENS = 64
-
 
 class ContextLengthError(ValueError):
     """The rendered prompt plus max_tokens does not fit the model's context."""
@@ -99,25 +96,6 @@ class ModelServer:
         return True
 
 
-@dataclass(frozen=True)
-class Route:
-    """A public model name: which engine answers it, whether the target prompt is injected, and
-    the text its answer is forced to start with (prefilled, and returned as part of the answer)."""
-
-    engine: str
-    inject_prompt: bool
-    answer_prefix: str = ""
-
-
-def routes_for(has_student: bool, task: TaskSpec, student_prefix: bool = False) -> dict[str, Route]:
-    """Public model names → engines. ``teacher`` and ``base`` share the teacher's engine.
-    ``student_prefix``: the student was trained to start its answers with the task's prefix."""
-    routes = {"teacher": Route("teacher", True, task.assistant_prefix), "base": Route("teacher", False)}
-    if has_student:
-        routes["student"] = Route("student", False, task.assistant_prefix if student_prefix else "")
-    return routes
-
-
 def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfig, *, student_prefix: bool = False) -> Any:
     """The Serve application: one ModelServer per engine (``teacher``, ``student``) and a router."""
     routes = routes_for("student" in model_paths, task, student_prefix)
@@ -159,27 +137,12 @@ def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfi
                 first = exc.errors()[0]
                 where = ".".join(str(p) for p in first["loc"]) or "body"
                 return JSONResponse(error_body(f"invalid request: {where}: {first['msg']}", "invalid_request_error", 400), 400)
-            route = routes.get(req.model)
-            if route is None:
-                return JSONResponse(
-                    error_body(f"model {req.model!r} not found; available: {sorted(routes)}", "model_not_found", 404), 404
-                )
-            # student and base see the bare chat as the student was trained on it (the task's
-            # student system message added); the teacher sees the target prompt around the query
-            messages = task.with_student_system([m.model_dump() for m in req.messages])
-            if route.inject_prompt:
-                try:
-                    messages = task.teacher_messages(req.last_user_text())
-                except ValueError:
-                    return JSONResponse(error_body("messages hold no user message", "invalid_request_error", 400), 400)
-            params = {"max_tokens": req.limit(DEFAULT_MAX_TOKENS), "temperature": req.temperature,
-                      "top_p": req.top_p}
-            if req.stop:
-                params["stop"] = req.stop
-            if req.seed is not None:
-                params["seed"] = req.seed
             try:
-                out = await self.handles[route.engine].generate.remote(messages, route.answer_prefix, params)
+                plan = plan_request(req, routes, task)
+            except RequestError as exc:
+                return JSONResponse(error_body(str(exc), exc.kind, exc.status), exc.status)
+            try:
+                out = await self.handles[plan.engine].generate.remote(plan.messages, plan.answer_prefix, plan.params)
             except ContextLengthError as exc:
                 return JSONResponse(error_body(str(exc), "context_length_exceeded", 400), 400)
             except Exception as exc:  # noqa: BLE001 - Ray wraps the replica's exception
@@ -188,7 +151,7 @@ def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfi
                     return JSONResponse(error_body(str(cause or exc).splitlines()[-1], "context_length_exceeded", 400), 400)
                 raise
             # the forced prefix is part of the assistant's answer (its tokens count as prompt tokens)
-            body = completion_body(req.model, route.answer_prefix + out["text"], out["finish_reason"], out["prompt_tokens"], out["completion_tokens"])
+            body = completion_body(req.model, plan.answer_prefix + out["text"], out["finish_reason"], out["prompt_tokens"], out["completion_tokens"])
             return JSONResponse(body)
 
     actor_options: dict[str, Any] = {"num_cpus": 1} if serve_cfg.accelerator == "cpu" else {"num_gpus": 1}

@@ -1,11 +1,22 @@
-"""Which engine, prompt and forced answer prefix each public model name gets (pure)."""
+"""The Serve app's request logic (pure): which engine, chat, forced answer prefix and sampling
+params each public model name gets."""
 
+import json
 from pathlib import Path
 
-from raydistill.serve.app import routes_for
+import pytest
+
+from raydistill.serve.openai_api import ChatCompletionRequest
+from raydistill.serve.routing import DEFAULT_MAX_TOKENS, RequestError, plan_request, routes_for
 from raydistill.tasks.task import load_task
 
-TASK = load_task(str(Path(__file__).parents[1] / "data" / "tiny_task.yaml"))
+REPO = Path(__file__).parents[2]
+TASK = load_task(str(REPO / "tests" / "data" / "tiny_task.yaml"))  # demonstrations, student system "none"
+
+
+def chat(model: str, *messages: tuple[str, str], **extra) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate(
+        {"model": model, "messages": [{"role": r, "content": c} for r, c in messages], **extra})
 
 
 def test_teacher_gets_the_prompt_and_prefix_base_gets_neither():
@@ -24,14 +35,46 @@ def test_student_gets_the_prefix_only_when_trained_to_say_it():
     assert trained_on_label.answer_prefix == ""
 
 
-def test_the_students_trained_target_comes_from_its_manifest(tmp_path):
-    import json
+def test_teacher_request_wraps_the_last_user_message_in_the_target_prompt():
+    routes = routes_for(True, TASK, student_prefix=True)
+    plan = plan_request(chat("teacher", ("user", "ignored"), ("assistant", "x"), ("user", "Hola mundo")), routes, TASK)
+    assert plan.engine == "teacher" and plan.messages == TASK.teacher_messages("Hola mundo")
+    assert plan.answer_prefix == TASK.assistant_prefix
 
+
+def test_student_request_is_the_clients_chat_with_the_trained_system_message():
+    routes = routes_for(True, TASK, student_prefix=True)
+    plan = plan_request(chat("student", ("user", "Hola mundo")), routes, TASK)
+    assert plan.engine == "student"
+    assert plan.messages == [{"role": "system", "content": ""}, {"role": "user", "content": "Hola mundo"}]
+    own_system = plan_request(chat("student", ("system", "Be brief."), ("user", "Hola")), routes, TASK)
+    assert own_system.messages[0] == {"role": "system", "content": "Be brief."}  # the client's wins
+
+
+def test_sampling_params_follow_the_request():
+    routes = routes_for(True, TASK)
+    plain = plan_request(chat("base", ("user", "x")), routes, TASK).params
+    assert plain == {"max_tokens": DEFAULT_MAX_TOKENS, "temperature": 0.0, "top_p": 1.0}
+    asked = plan_request(chat("base", ("user", "x"), max_tokens=5, max_completion_tokens=3, stop=["."], seed=7,
+                              temperature=0.5), routes, TASK).params
+    assert asked == {"max_tokens": 3, "temperature": 0.5, "top_p": 1.0, "stop": ["."], "seed": 7}
+
+
+def test_unknown_model_and_teacher_without_user_message_are_refused():
+    routes = routes_for(False, TASK)
+    with pytest.raises(RequestError, match="'student' not found; available: \\['base', 'teacher'\\]") as missing:
+        plan_request(chat("student", ("user", "x")), routes, TASK)
+    assert missing.value.status == 404 and missing.value.kind == "model_not_found"
+    with pytest.raises(RequestError, match="no user message") as no_user:
+        plan_request(chat("teacher", ("system", "x")), routes, TASK)
+    assert no_user.value.status == 400
+
+
+def test_the_students_trained_target_comes_from_its_manifest(tmp_path):
     from raydistill.config import load_config
     from raydistill.serve.stage import trained_target
 
-    config = Path(__file__).parents[2] / "jobs" / "configs" / "demo_cpu.yaml"
-    cfg = load_config(config, [f"run_dir={tmp_path}", "train.target=response"])
+    cfg = load_config(REPO / "jobs" / "configs" / "demo_cpu.yaml", [f"run_dir={tmp_path}", "train.target=response"])
     assert trained_target(cfg) == "response"  # no student yet: what the config asks for
     (tmp_path / "student").mkdir()
     (tmp_path / "student" / "_manifest.json").write_text(json.dumps({"config": {"train": {"target": "label"}}}))
