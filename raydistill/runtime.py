@@ -19,6 +19,21 @@ CPU_WORKER_ENV = {
 }
 
 
+def local_worker_env(num_gpus: int) -> dict[str, str]:
+    """The workers' environment for a local Ray: on a workstation with a GPU, DeepSpeed must pick
+    CUDA itself, so ``DS_ACCELERATOR=cpu`` (which would train on the CPU) is left out."""
+    if num_gpus > 0:
+        return {k: v for k, v in CPU_WORKER_ENV.items() if k != "DS_ACCELERATOR"}
+    return dict(CPU_WORKER_ENV)
+
+
+def local_gpu_count() -> int:
+    """GPUs this machine has, as torch sees them (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def init_ray(cluster: ClusterConfig) -> Any:
     """ray.init once per process; never attaches to a cluster that nobody asked for."""
     import ray
@@ -36,6 +51,6 @@ def init_ray(cluster: ClusterConfig) -> Any:
             num_cpus=cluster.num_cpus,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
-            runtime_env={"env_vars": CPU_WORKER_ENV},
+            runtime_env={"env_vars": local_worker_env(local_gpu_count())},
         )
     return ray

@@ -127,3 +127,22 @@ def test_runtime_envs_keep_local_state_out_of_the_upload():
     for env in ("cpu", "gpu"):
         excludes = load(REPO / "jobs" / f"runtime_env_{env}.yaml")["excludes"]
         assert {".venv/", ".git/", "runs/"} <= set(excludes)
+
+
+# What rayproject/ray:<version>-py311-gpu already has (Ray's own dependencies), and what a pinned
+# package pulls in; everything else raydistill needs must be in the GPU runtime env.
+RAY_IMAGE_PROVIDES = {"ray", "pyarrow", "pydantic", "pyyaml", "requests", "psutil"}
+PULLED_IN = {"torch": "vllm"}
+
+
+def test_gpu_runtime_env_installs_every_runtime_dependency():
+    import tomllib
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    needed = {Requirement(r).name.lower() for r in [*project["dependencies"], *project["optional-dependencies"]["gpu"]]}
+    needed |= {"language_data"}  # langcodes[data]
+    packages = {line.split("==")[0].lower() for line in load(REPO / "jobs" / "runtime_env_gpu.yaml")["pip"]["packages"]}
+    missing = needed - packages - RAY_IMAGE_PROVIDES - set(PULLED_IN)
+    assert not missing, f"jobs/runtime_env_gpu.yaml lacks {sorted(missing)}"
+    assert all(parent in packages for parent in PULLED_IN.values())
