@@ -1,6 +1,6 @@
 """`raydistill run`: every stage from one config; `raydistill demo`: the same on the CPU demo config.
 
-    ray job submit --working-dir . -- raydistill run jobs/configs/demo_cpu.yaml
+    ray job submit --working-dir . -- python -m raydistill run jobs/configs/demo_cpu.yaml
 """
 
 from __future__ import annotations

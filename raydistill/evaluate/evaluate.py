@@ -1,6 +1,6 @@
 """`raydistill evaluate`: held-out queries as HTTP traffic to the Serve app → results + report.
 
-    ray job submit --working-dir . -- raydistill evaluate jobs/configs/demo_cpu.yaml --url http://127.0.0.1:8000
+    ray job submit --working-dir . -- python -m raydistill evaluate jobs/configs/demo_cpu.yaml --url http://127.0.0.1:8000
 
 Writes ``<run_dir>/eval/``: ``results/<system>/*.parquet`` (one dataset: ``pq.read_table(".../results")``),
 ``report.md``, a self-contained ``report.html``,

@@ -1,6 +1,6 @@
 """`raydistill serve`: one Ray Serve app, OpenAI-compatible, serving the student and the teacher.
 
-    ray job submit --working-dir . -- raydistill serve jobs/configs/demo_cpu.yaml
+    ray job submit --working-dir . -- python -m raydistill serve jobs/configs/demo_cpu.yaml
 
 Model names on ``/v1/chat/completions``:
   - ``student``: the merged student, given the request as it is (no target prompt); its answer

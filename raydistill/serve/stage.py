@@ -1,6 +1,6 @@
 """`raydistill serve`: start the OpenAI-compatible app for the run's student and its teacher.
 
-    ray job submit --working-dir . -- raydistill serve jobs/configs/demo_cpu.yaml
+    ray job submit --working-dir . -- python -m raydistill serve jobs/configs/demo_cpu.yaml
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`raydistill train`: teacher samples → Ray Train (DeepSpeed ZeRO + PEFT) → student folders.
 
-    ray job submit --working-dir . -- raydistill train jobs/configs/demo_cpu.yaml
+    ray job submit --working-dir . -- python -m raydistill train jobs/configs/demo_cpu.yaml
 
 Writes ``<run_dir>/student/{adapter,merged}/``, ``metrics.jsonl``, ``loss_curve.png`` and
 ``_manifest.json``; checkpoints go to ``<run_dir>/ray_train/train/`` (``--resume`` continues

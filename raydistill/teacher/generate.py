@@ -1,6 +1,6 @@
 """`raydistill generate`: queries → teacher (vLLM via ray.data.llm) → validated samples Parquet.
 
-    ray job submit --working-dir . -- raydistill generate jobs/configs/demo_cpu.yaml
+    ray job submit --working-dir . -- python -m raydistill generate jobs/configs/demo_cpu.yaml
 
 Output: ``<run_dir>/samples/*.parquet`` (schema ``raydistill.schema.SAMPLES``) + _manifest.json.
 While running, files land in ``<run_dir>/.samples.partial``; after a crash the same command

@@ -146,3 +146,10 @@ def test_gpu_runtime_env_installs_every_runtime_dependency():
     missing = needed - packages - RAY_IMAGE_PROVIDES - set(PULLED_IN)
     assert not missing, f"jobs/runtime_env_gpu.yaml lacks {sorted(missing)}"
     assert all(parent in packages for parent in PULLED_IN.values())
+
+
+def test_job_commands_never_rely_on_the_console_script():
+    """A working_dir upload installs no `raydistill` script on the cluster's nodes; `python -m` works."""
+    files = [*REPO.glob("raydistill/**/*.py"), *REPO.glob("jobs/**/*"), *REPO.glob("cluster/**/*"), REPO / "README.md"]
+    bad = [str(f.relative_to(REPO)) for f in files if f.is_file() and "-- raydistill " in f.read_text(errors="ignore")]
+    assert not bad, f"use `-- python -m raydistill <verb>` in {bad}"
