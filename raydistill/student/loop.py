@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -66,6 +67,26 @@ def lr_lambda(total_steps: int, warmup_steps: int):
     return fn
 
 
+MOE_BLOCK = re.compile(r"(Sparse)?Mo[Ee](Block|Layer)$")  # Qwen2/3-MoE, Mixtral, OLMoE, ... blocks
+
+
+def moe_block_classes(model: Any) -> list[type]:
+    """The mixture-of-experts block classes in ``model`` (none for a dense model)."""
+    return sorted({type(m) for m in model.modules() if MOE_BLOCK.search(type(m).__name__)}, key=lambda c: c.__name__)
+
+
+def mark_moe_leaves(model: Any) -> list[type]:
+    """Under ZeRO-3, MoE blocks must be leaf modules: ranks route tokens to different experts, so
+    per-expert parameter gathering falls out of step across ranks and training hangs (DeepSpeed
+    issue 7461). A leaf block gathers all its experts' parameters when it is entered."""
+    classes = moe_block_classes(model)
+    if classes:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, classes)
+    return classes
+
+
 def build_model(model_path: str, train: dict[str, Any]) -> Any:
     """The student, loaded in the training dtype and in training mode. Under ZeRO-3 the weights
     are partitioned as they load (``deepspeed.zero.Init`` through transformers' DeepSpeed
@@ -80,6 +101,8 @@ def build_model(model_path: str, train: dict[str, Any]) -> Any:
     zero3 = HfDeepSpeedConfig(deepspeed_config(train)) if train["zero_stage"] == 3 else None
     try:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        if zero3 is not None:
+            mark_moe_leaves(model)
         # from_pretrained returns the model in eval mode, and neither PEFT nor DeepSpeed changes
         # that for the layers: gradient checkpointing and LoRA dropout act only in train mode.
         model.train()

@@ -62,3 +62,22 @@ def test_lora_dropout_is_active(tiny_model):
         third, fourth = (answer_only_loss(model, ids, torch.ones_like(ids), labels) for _ in range(2))
     assert float(first) != float(second)  # a different dropout mask each forward
     assert float(third) == float(fourth)  # and none in eval mode
+
+
+def test_moe_blocks_become_zero3_leaf_modules():
+    """Under ZeRO-3 a MoE block gathers all its experts at once (else ranks hang, DeepSpeed #7461)."""
+    from deepspeed.utils import z3_leaf_module
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from raydistill.student.loop import mark_moe_leaves, moe_block_classes
+
+    config = Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                            num_experts=4, num_experts_per_tok=2)
+    moe = Qwen3MoeForCausalLM(config)
+    assert [c.__name__ for c in mark_moe_leaves(moe)] == ["Qwen3MoeSparseMoeBlock"]
+    blocks = [m for m in moe.modules() if type(m).__name__ == "Qwen3MoeSparseMoeBlock"]
+    assert len(blocks) == 2 and all(z3_leaf_module(b) for b in blocks)
+    assert not any(z3_leaf_module(m) for m in moe.modules() if m not in blocks)
+    dense = Qwen3MoeForCausalLM(Qwen3MoeConfig(**{**config.to_dict(), "mlp_only_layers": [0, 1]}))
+    assert moe_block_classes(dense) == [] and mark_moe_leaves(dense) == []
