@@ -43,10 +43,6 @@ from raydistill.tasks.task import TaskSpec
 
 logger = logging.getLogger(__name__)
 
-class ContextLengthError(ValueError):
-    """The rendered prompt plus max_tokens does not fit the model's context."""
-
-
 class ModelServer:
     """One vLLM engine; renders chats with the model's template and generates (a Serve deployment)."""
 
@@ -79,10 +75,11 @@ class ModelServer:
         prompt = render_prompt(self.tokenizer, messages, prefix)
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if len(ids) + params["max_tokens"] > self.max_model_len:
-            raise ContextLengthError(
-                f"prompt has {len(ids)} tokens and max_tokens is {params['max_tokens']}: more than the "
-                f"model's context of {self.max_model_len}; shorten the input or lower max_tokens"
-            )
+            # refused before the engine sees it, as a value: an exception would cross Ray and reach
+            # the router wrapped in a traceback with replica names, pids and addresses
+            return {"error": f"prompt is {len(ids):,} tokens and max_tokens is {params['max_tokens']:,}: together "
+                             f"more than this model's context of {self.max_model_len:,} tokens; shorten the "
+                             "messages or lower max_tokens", "kind": "context_length_exceeded"}
         final = None
         async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), SamplingParams(**params), uuid.uuid4().hex):
             final = out
@@ -143,13 +140,12 @@ def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfi
                 return JSONResponse(error_body(str(exc), exc.kind, exc.status), exc.status)
             try:
                 out = await self.handles[plan.engine].generate.remote(plan.messages, plan.answer_prefix, plan.params)
-            except ContextLengthError as exc:
-                return JSONResponse(error_body(str(exc), "context_length_exceeded", 400), 400)
-            except Exception as exc:  # noqa: BLE001 - Ray wraps the replica's exception
-                cause = getattr(exc, "cause", None) or exc.__cause__
-                if isinstance(cause, ContextLengthError) or "ContextLengthError" in repr(exc):
-                    return JSONResponse(error_body(str(cause or exc).splitlines()[-1], "context_length_exceeded", 400), 400)
-                raise
+            except Exception as exc:  # noqa: BLE001 - whatever failed, the client gets one clean line
+                status, message = engine_failure(exc, req.model)
+                logger.exception("request to %s failed", req.model)  # the traceback stays in the server log
+                return JSONResponse(error_body(message, "server_error", status), status)
+            if "error" in out:
+                return JSONResponse(error_body(out["error"], out["kind"], 400), 400)
             # the forced prefix is part of the assistant's answer (its tokens count as prompt tokens)
             body = completion_body(req.model, plan.answer_prefix + out["text"], out["finish_reason"], out["prompt_tokens"], out["completion_tokens"])
             return JSONResponse(body)
@@ -167,6 +163,17 @@ def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfi
     router = serve.deployment(Router, name="router", max_ongoing_requests=max(100, 4 * serve_cfg.max_ongoing_requests),
                               ray_actor_options={"num_cpus": 0}, logging_config=quiet)
     return router.bind(handles)
+
+
+def engine_failure(exc: BaseException, model: str) -> tuple[int, str]:
+    """HTTP status and a one-line message for a failed engine call, naming no Ray internals: a dead
+    replica or engine is 503 (Serve starts a new one; retry), anything else 500."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    dead = (RayActorError, ActorDiedError, ActorUnavailableError)
+    if isinstance(exc, dead) or "EngineDeadError" in type(exc).__name__ + repr(getattr(exc, "cause", None)):
+        return 503, f"model {model!r} is restarting after an engine failure; retry the request shortly"
+    return 500, f"model {model!r} failed to answer ({type(getattr(exc, 'cause', None) or exc).__name__}); see the server log"
 
 
 def replica_options(serve_cfg: ServeConfig) -> dict[str, Any]:

@@ -230,10 +230,14 @@ def test_serve_openai_api_and_bad_requests(served):
         (requests.post(chat, json={"model": "nope", "messages": [{"role": "user", "content": "x"}]}, timeout=30), 404),
         (requests.post(chat, json={"model": "student", "messages": [{"role": "user", "content": "word " * 3000}]},
                        timeout=60), 400),
+        (requests.post(chat, json={"model": "teacher", "messages": [{"role": "user", "content": "x"}],
+                                   "max_tokens": 10**9}, timeout=60), 400),
     ]
     for resp, code in bad:
         assert resp.status_code == code, resp.text
-        assert "error" in resp.json() and resp.json()["error"]["message"]
+        message = resp.json()["error"]["message"]
+        assert message and "\n" not in message and not any(s in message for s in ("Traceback", "ray::", "\x1b", "pid="))
+    assert "context of 2,048 tokens" in bad[-1][0].json()["error"]["message"]  # names the limit
     again = requests.post(chat, json={"model": "teacher", "messages": [{"role": "user", "content": "Bonjour"}],
                                       "max_tokens": 2}, timeout=120)
     assert again.status_code == 200  # still serving after the bad requests
