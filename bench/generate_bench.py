@@ -164,7 +164,7 @@ def run_raydistill(task_name: str, queries: Path, work: Path, n: int) -> dict:
     cfg = work / f"config-{Path(task_name).stem}.yaml"
     cfg.write_text(yaml.safe_dump(config))
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "raydistill", "generate", str(cfg), "--overwrite"],
+    proc = subprocess.run([sys.executable, "-m", "raydistill", "generate", str(cfg), "--overwrite", "-v"],
                           cwd=REPO, capture_output=True, text=True)
     end_to_end = time.time() - t0
     if proc.returncode != 0:

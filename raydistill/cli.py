@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         if verb != "demo":
             p.add_argument("config", help="pipeline YAML (e.g. jobs/configs/demo_cpu.yaml)")
         p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="stream Ray's, vLLM's and DeepSpeed's own logs here (default: progress lines only)")
         if verb in ("generate", "train", "evaluate", "run", "demo"):
             p.add_argument("--overwrite", action="store_true", help="replace this stage's existing output")
         if verb in ("generate", "train", "run", "demo"):
@@ -95,6 +97,10 @@ def _dispatch(args: argparse.Namespace, cfg: PipelineConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        from raydistill.progress import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
     logging.basicConfig(level=os.environ.get("RAYDISTILL_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     run_dir: Path | None = None

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from raydistill.config import ClusterConfig
+from raydistill.progress import quiet_ray_driver, verbose
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +42,12 @@ def init_ray(cluster: ClusterConfig) -> Any:
     if ray.is_initialized():
         return ray
     address = cluster.address or os.environ.get("RAY_ADDRESS")
+    # Quiet by default: the workers' output (vLLM, DeepSpeed, Ray Train) stays in Ray's log files
+    # instead of flooding the terminal; the stages log their own progress. `-v` streams it all.
+    log_to_driver = verbose()
     if address:
         logger.info("connecting to Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
     else:
         logger.info("starting a local Ray cluster on 127.0.0.1 (%s logical CPUs)", cluster.num_cpus)
         ray.init(
@@ -52,5 +56,19 @@ def init_ray(cluster: ClusterConfig) -> Any:
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
             runtime_env={"env_vars": local_worker_env(local_gpu_count())},
+            log_to_driver=log_to_driver,
         )
+    quiet_ray_driver()
+    if not log_to_driver:
+        logger.info("Ray workers' logs (engines, training, serving): %s (raydistill -v shows them here)", ray_logs_dir())
     return ray
+
+
+def ray_logs_dir() -> str:
+    """Where this Ray session writes its workers' logs."""
+    try:
+        from ray._private.worker import _global_node
+
+        return _global_node.get_logs_dir_path()
+    except (ImportError, AttributeError):  # a private API: the path is only a hint
+        return "the Ray session's logs folder (/tmp/ray/session_latest/logs on the head node)"

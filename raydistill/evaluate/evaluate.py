@@ -33,6 +33,7 @@ from raydistill.evaluate.metrics import (
 from raydistill.evaluate.report import summary_table, write_report
 from raydistill.manifest import write_manifest
 from raydistill.outputs import check_output, staged_output
+from raydistill.progress import Progress, parquet_rows
 from raydistill.runtime import init_ray
 from raydistill.tasks.task import task_for
 
@@ -55,6 +56,7 @@ def evaluate(cfg: PipelineConfig, base_url: str, *, overwrite: bool = False,
     # Read once: every system must get the same queries (a re-executed `limit` may pick others),
     # and a remote source is not fetched again per system.
     queries = queries.materialize()
+    n_queries = queries.count()
     client = {"base_url": base_url, "task": task, "max_tokens": cfg.eval.max_tokens,
               "concurrency": cfg.eval.concurrency, "timeout_s": cfg.eval.request_timeout_s}
     with staged_output(out_dir) as tmp:
@@ -65,7 +67,10 @@ def evaluate(cfg: PipelineConfig, base_url: str, *, overwrite: bool = False,
             results = traffic.map_batches(ChatClient, fn_constructor_kwargs=client, batch_size=cfg.eval.concurrency * 4,
                                           batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
                                           num_cpus=0.25)
-            results.write_parquet(str(tmp / "results" / system), min_rows_per_file=100_000)
+            folder = tmp / "results" / system
+            # a file per client batch: the progress line counts requests answered as they finish
+            with Progress(f"evaluate {system}", lambda f=folder: parquet_rows(f), n_queries, "requests"):
+                results.write_parquet(str(folder), min_rows_per_file=cfg.eval.concurrency * 4)
             logger.info("evaluate: %s done", system)
         rows = pq.read_table(tmp / "results").to_pylist()
         if not rows:

@@ -24,6 +24,7 @@ from raydistill.errors import ConfigError, DataError, RunDirError
 from raydistill.manifest import write_manifest
 from raydistill.models import resolve_model
 from raydistill.outputs import check_output, staged_output
+from raydistill.progress import Progress, last_step
 from raydistill.runtime import init_ray
 from raydistill.schema import SAMPLES, parquet_files, require_columns
 from raydistill.student.examples import build_examples_batch
@@ -226,7 +227,9 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
             ),
             datasets={"train": train_ds, "val": val_ds} if n_val else {"train": train_ds},
         )
-        result = trainer.fit()
+        # rank 0 appends to metrics.jsonl as it goes (on a cluster, only when it shares this filesystem)
+        with Progress("train", lambda: last_step(tmp / "metrics.jsonl"), plan["total_steps"], "steps", every_s=30.0):
+            result = trainer.fit()
         if result.error:
             raise result.error
         tokenizer.save_pretrained(tmp / "merged")

@@ -26,6 +26,7 @@ from raydistill.errors import DataError, RaydistillError
 from raydistill.manifest import write_manifest
 from raydistill.models import resolve_model
 from raydistill.outputs import ResumableOutput, resumable_output
+from raydistill.progress import Progress, parquet_rows
 from raydistill.runtime import init_ray
 from raydistill.schema import parquet_files
 from raydistill.tasks.task import TaskSpec, task_for
@@ -165,7 +166,9 @@ def _generate_into(cfg: PipelineConfig, out: ResumableOutput, task: TaskSpec, mo
         num_cpus=0.25,
     )
     t0 = time.time()
-    samples.write_parquet(str(out.partial), min_rows_per_file=cfg.teacher.rows_per_file)
+    total = cfg.teacher.max_rows * cfg.teacher.samples_per_query if cfg.teacher.max_rows else None
+    with Progress("generate", lambda: parquet_rows(out.partial), total, "samples"):
+        samples.write_parquet(str(out.partial), min_rows_per_file=cfg.teacher.rows_per_file)
     wall = time.time() - t0
     table = pq.read_table(parquet_files(out.partial), columns=SUMMARY_COLUMNS)
     if table.num_rows == 0:

@@ -95,7 +95,7 @@ def faulted_run(tmp_path_factory):
     }
     cfg = tmp / "config.yaml"
     cfg.write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "raydistill", "train", str(cfg)]
+    cmd = [sys.executable, "-m", "raydistill", "train", str(cfg), "-v"]  # -v: the workers log the restarts
 
     log1 = tmp / "run1.log"
     with log1.open("w") as out:

@@ -1,0 +1,31 @@
+"""The stages' progress lines: what they count and how they read."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raydistill.progress import format_line, last_step, parquet_rows
+
+
+def test_line_shows_done_total_rate_and_eta():
+    assert format_line("generate", 96, 300, "samples", 60.0) == "generate: 96/300 samples · 1.60/s · ETA 2m08s · 1m00s elapsed"
+    assert format_line("generate", 300, 300, "samples", 150.0) == "generate: 300/300 samples · 2.00/s · 2m30s elapsed"
+    assert format_line("generate", 5, None, "samples", 10.0) == "generate: 5 samples · 0.50/s · 10s elapsed"
+    assert "ETA" not in format_line("train", 0, 17, "steps", 30.0)  # no rate yet, no guess
+
+
+def test_parquet_rows_counts_finished_files_only(tmp_path):
+    pq.write_table(pa.table({"x": list(range(64))}), tmp_path / "a.parquet")
+    (tmp_path / "sub").mkdir()
+    pq.write_table(pa.table({"x": list(range(10))}), tmp_path / "sub" / "b.parquet")
+    (tmp_path / "c.parquet").write_bytes(b"PAR1 still being written")
+    assert parquet_rows(tmp_path) == 74
+    assert parquet_rows(tmp_path / "missing") == 0
+
+
+def test_last_step_reads_the_newest_logged_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert last_step(path) == 0
+    path.write_text("\n".join(json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3)) + '\n{"step": 4, "lo')
+    assert last_step(path) == 3  # a line being appended is skipped
