@@ -6,12 +6,13 @@ PIP    := $(VENV)/bin/pip
 # Ray, vLLM and torch's TCPStore bind more than loopback: see scripts/loopback-only.
 NETNS  := scripts/loopback-only
 
-# Debian packages: Chromium renders report.html headless in the tests (a screenshot).
+# Debian packages for the tests: Chromium renders report.html headless (a screenshot).
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup demo test lint clean system-deps
 
-setup: system-deps $(VENV)/.installed
+# `make demo` needs only the Python stack; Chromium is for the tests (they render report.html).
+setup: $(VENV)/.installed
 
 system-deps:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
@@ -32,7 +33,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 demo: setup
 	$(NETNS) $(VENV)/bin/raydistill demo --overwrite
 
-test: setup
+test: setup system-deps
 	$(VENV)/bin/ruff check .
 	$(NETNS) $(PY) -m pytest -q tests
 
