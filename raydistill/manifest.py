@@ -66,7 +66,3 @@ def write_manifest(folder: str | Path, *, stage: str, config: dict[str, Any], in
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
     os.replace(tmp, folder / "_manifest.json")
     return folder / "_manifest.json"
-
-
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    return json.loads((Path(folder) / "_manifest.json").read_text())

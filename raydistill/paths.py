@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+BUILTIN_PREFIX = "builtin:"  # built-in models and query sets: builtin:smollm2-135m-instruct, builtin:langid-demo/train
+
 
 def cache_dir() -> Path:
     """``$RAYDISTILL_CACHE``, else ``$XDG_CACHE_HOME/raydistill``, else ``~/.cache/raydistill``."""

@@ -71,12 +71,6 @@ def require_columns(available: Iterable[str], schema: pa.Schema, what: str, fix:
         raise DataError(f"{what} is missing column(s) {missing}; {fix}")
 
 
-def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Select and cast ``table``'s columns to ``schema`` (extra columns are dropped)."""
-    require_columns(table.column_names, schema, "table", "this is a bug in the stage that wrote it")
-    return table.select(schema.names).cast(schema)
-
-
 def parquet_files(folder: str | Path) -> list[str]:
     """The Parquet files of an artifact folder (which also holds _manifest.json)."""
     return sorted(str(p) for p in Path(folder).glob("*.parquet"))

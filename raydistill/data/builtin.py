@@ -8,15 +8,14 @@ text is in both train and eval, whatever the sizes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 from collections import defaultdict
 from pathlib import Path
 
-from raydistill.data.queries import text_id
 from raydistill.errors import DataError
+from raydistill.ids import hash_bucket, text_id
 from raydistill.paths import cache_dir
 
 LABEL_LANGUAGES = ("ar", "de", "el", "en", "es", "fr", "hi", "ru", "tr", "ur", "vi", "zh")
@@ -89,8 +88,7 @@ def _eld_sentences() -> dict[str, list[str]]:
 
 
 def _split_of(text: str) -> str:
-    bucket = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "eval" if bucket < EVAL_FRACTION else "train"
+    return "eval" if hash_bucket(text) < EVAL_FRACTION else "train"
 
 
 def build_langid_demo() -> dict[str, list[dict[str, str]]]:

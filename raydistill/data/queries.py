@@ -6,7 +6,6 @@ row a stable id (the given one, or a hash of the text).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -15,16 +14,12 @@ import pyarrow as pa
 from raydistill.config import QueriesConfig
 from raydistill.data.sources import Source
 from raydistill.errors import DataError
+from raydistill.ids import text_id
 from raydistill.schema import QUERIES
 
 if TYPE_CHECKING:
     import ray.data
 
-
-
-def text_id(text: str) -> str:
-    """A stable query id from its text (first 16 hex digits of sha256)."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def normalize_batch(

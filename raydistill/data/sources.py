@@ -15,8 +15,8 @@ from pathlib import PurePosixPath
 import pyarrow.fs as pafs
 
 from raydistill.errors import DataError
+from raydistill.paths import BUILTIN_PREFIX
 
-BUILTIN_PREFIX = "builtin:"
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 _GLOB_CHARS = "*?["
 

@@ -3,11 +3,11 @@ on the answer tokens only; optionally the teacher's top-k distribution at each o
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import numpy as np
 
+from raydistill.ids import hash_bucket
 from raydistill.render import render_completion, render_prompt
 from raydistill.tasks.task import TaskSpec
 
@@ -19,8 +19,7 @@ def is_validation(query_id: str, fraction: float) -> bool:
     """The held-out split, by query id: all samples of a query fall on the same side."""
     if fraction <= 0:
         return False
-    bucket = int(hashlib.sha256(f"val:{query_id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return bucket < fraction
+    return hash_bucket(f"val:{query_id}") < fraction
 
 
 def build_example(tokenizer: Any, messages: list[dict[str, str]], answer: str, max_seq_len: int) -> dict[str, list[int]] | None:
