@@ -24,7 +24,9 @@ VERBS = {
     "serve": "Serve student and teacher behind one OpenAI-compatible Ray Serve app (until Ctrl-C).",
     "evaluate": "Send held-out queries as traffic to the app; write <run_dir>/eval with metrics and report.",
     "run": "All stages from one config: generate -> train -> serve -> evaluate.",
-    "demo": "`run` on the built-in CPU demo config (offline model and data, ~10 minutes on 2 cores).",
+    "demo": "`run` on the built-in CPU demo config (offline model and data, ~15 minutes on 2 cores).",
+    "plan": "What a config asks of Ray per stage, the work and an estimated time; checks a connected "
+            "cluster (RAY_ADDRESS) has the resources. Starts no engine.",
 }
 
 OVERRIDES_HELP = "dotted overrides of config keys, e.g. teacher.temperature=0.7 train.max_steps=5"
@@ -51,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="finish an interrupted run: skip complete stages, sample only what is missing")
         if verb == "evaluate":
             p.add_argument("--url", help="base URL of a running `raydistill serve` app; default: start one")
+        if verb != "plan":
+            p.add_argument("--dry-run", action="store_true", help="print the plan (`raydistill plan`) and stop")
     return parser
 
 
@@ -65,7 +69,11 @@ def _load(args: argparse.Namespace) -> PipelineConfig:
 
 
 def _dispatch(args: argparse.Namespace, cfg: PipelineConfig) -> None:
-    if args.verb == "generate":
+    if args.verb == "plan" or args.dry_run:
+        from raydistill.plan import run_plan
+
+        run_plan(cfg)
+    elif args.verb == "generate":
         from raydistill.teacher.generate import generate
 
         generate(cfg, overwrite=args.overwrite, resume=args.resume)

@@ -1,0 +1,32 @@
+"""`raydistill plan`'s pure parts: what each stage asks of Ray, and why a cluster cannot take it."""
+
+from pathlib import Path
+
+from raydistill.config import load_config
+from raydistill.plan import Demand, demands, shortfalls
+
+CONFIGS = Path(__file__).parents[2] / "jobs" / "configs"
+
+
+def test_gpu_config_asks_for_tensor_parallel_engines_gpu_workers_and_replicas():
+    by_stage = {d.stage: d for d in demands(load_config(CONFIGS / "gpu_qwen3_moe.yaml"))}
+    generate, train, serve = by_stage["generate"], by_stage["train"], by_stage["serve"]
+    assert generate.actors == 4 and generate.per_actor["GPU"] == 2.0  # the pool's max x TP 2
+    assert generate.per_actor["accelerator_type:H100"] > 0
+    assert train.total() == {"CPU": 32.0, "GPU": 8.0}
+    assert serve.total() == {"GPU": 8.0}  # teacher + student, 4 replicas each at most
+
+
+def test_cpu_demo_asks_only_for_cpus():
+    for d in demands(load_config(CONFIGS / "demo_cpu.yaml")):
+        assert set(d.per_actor) == {"CPU"}, d
+
+
+def test_shortfalls_name_the_missing_resource_and_the_stage():
+    engines = Demand("generate", "4 engines x TP 2", 4, {"GPU": 2.0})
+    assert shortfalls(engines, {"GPU": 8.0}, [{"GPU": 8.0}]) == []
+    missing = shortfalls(engines, {"GPU": 4.0}, [{"GPU": 4.0}])
+    assert missing == ["generate needs 8 GPU in all (4 engines x TP 2); the cluster has 4"]
+    # enough GPUs in all, but no node holds one engine's two packed GPUs
+    scattered = shortfalls(engines, {"GPU": 8.0}, [{"GPU": 1.0}] * 8)
+    assert len(scattered) == 1 and "no node has 2 GPU for one actor" in scattered[0]
