@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -55,16 +54,12 @@ def deepspeed_config(train: dict[str, Any], hidden_size: int | None = None) -> d
     }
 
 
-def lr_lambda(total_steps: int, warmup_steps: int):
-    """Linear warmup, then cosine decay to 10% of the peak rate."""
+def lr_schedule(optimizer: Any, total_steps: int, warmup_ratio: float) -> Any:
+    """Linear warmup, then cosine decay to 10% of the peak rate (transformers' schedule)."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    def fn(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return fn
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=int(warmup_ratio * total_steps), num_training_steps=total_steps, min_lr_rate=0.1)
 
 
 MOE_BLOCK = re.compile(r"(Sparse)?Mo[Ee](Block|Layer)$")  # Qwen2/3-MoE, Mixtral, OLMoE, ... blocks
@@ -140,7 +135,7 @@ def build_engine(model_path: str, train: dict[str, Any], total_steps: int) -> tu
     # Fused: the unfused update allocates sqrt/div temporaries the size of each parameter, and
     # under ZeRO-3 the "parameter" is a rank's whole flat partition (one transient copy per term).
     optimizer = torch.optim.AdamW(params, lr=train["learning_rate"], weight_decay=train["weight_decay"], fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, int(train["warmup_ratio"] * total_steps)))
+    scheduler = lr_schedule(optimizer, total_steps, train["warmup_ratio"])
     hidden = getattr(model.config, "hidden_size", None)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(train, hidden))
