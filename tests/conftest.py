@@ -8,6 +8,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# SmolLM2's tokenizer and chat template, committed: unit tests need no model materialized
+SMOLLM2_TOKENIZER = REPO / "tests" / "data" / "smollm2-tokenizer"
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(SMOLLM2_TOKENIZER)
 
 
 @pytest.fixture(scope="session")
@@ -16,9 +25,7 @@ def tiny_model(tmp_path_factory) -> str:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from raydistill.models import resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m-instruct"))
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2_TOKENIZER)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=64,
         num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=2048, tie_word_embeddings=True,

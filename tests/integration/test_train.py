@@ -28,6 +28,8 @@ from raydistill.data.builtin import build_langid_demo
 from raydistill.schema import SAMPLES
 from raydistill.tasks.task import load_task
 
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 12, 3
 

@@ -11,12 +11,8 @@ MSG = TaskSpec(name="t", labels={"a": "A"}).student_messages  # the bare query, 
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from raydistill.models import resolve_model
-
-    return AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m-instruct"))
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def test_loss_mask_covers_exactly_the_answer(tokenizer):

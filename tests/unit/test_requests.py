@@ -17,12 +17,8 @@ def task():
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from raydistill.models import resolve_model
-
-    return AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m-instruct"))
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def test_k_samples_per_query_with_distinct_seeds(task, tokenizer):

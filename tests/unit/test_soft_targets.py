@@ -13,12 +13,8 @@ from raydistill.tasks.task import load_task
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from raydistill.models import resolve_model
-
-    return AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m-instruct"))
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def test_validation_split_is_by_query_id():

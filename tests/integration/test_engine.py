@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 CHILD = Path(__file__).with_name("engine_child.py")
 
 
