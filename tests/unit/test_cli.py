@@ -24,5 +24,5 @@ def test_every_verb_documents_itself_and_its_flags(capsys, verb):
     assert "--verbose" in text and "overrides" in text
     usage = text.split(" ".join(VERBS[verb].split()))[0]
     assert ("config" in usage) == (verb != "demo")  # the demo brings its own config
-    assert ("--dry-run" in text) == (verb != "plan")
+    assert ("--dry-run" in text) == (verb not in ("plan", "config"))
     assert ("--resume" in text) == (verb in ("generate", "train", "run", "demo"))

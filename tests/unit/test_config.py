@@ -40,9 +40,51 @@ def test_overrides_parse_yaml_values(tmp_path):
     assert cfg.serve.enforce_eager is True
 
 
-def test_unknown_key_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="unknown key 'teacher.temprature'"):
+def test_unknown_key_is_named_with_the_closest_valid_key(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'teacher.temprature'; did you mean 'teacher.temperature'"):
         load_config(_write(tmp_path, BASE + "teacher: {temprature: 0.5}\n"))
+    with pytest.raises(ConfigError, match="unknown key 'techer'; did you mean 'teacher'"):
+        load_config(_write(tmp_path, BASE), ["techer.model=x"])
+    with pytest.raises(ConfigError, match="unknown key 'train.zzz'; remove it .* config show"):
+        load_config(_write(tmp_path, BASE), ["train.zzz=1"])
+
+
+def _fields(model, prefix=""):
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from _fields(field.annotation, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field
+
+
+def test_every_config_key_is_described():
+    from raydistill.config import AutoscalingConfig
+
+    assert [key for key, field in _fields(PipelineConfig) if not field.description] == []
+    assert [key for key, field in _fields(AutoscalingConfig) if not field.description] == []  # an optional section
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_config_show_lists_every_key_with_its_description_and_reads_back(path):
+    import yaml
+
+    from raydistill.config import render_config
+
+    cfg = load_config(path)
+    text = render_config(cfg)
+    lines, section = {}, ""
+    for line in text.splitlines():
+        name = line.strip().split(":")[0]
+        if line.startswith("  "):
+            lines[f"{section}.{name}"] = line
+        else:
+            section = name
+            lines[name] = line
+    for key, field in _fields(PipelineConfig):
+        assert lines[key].endswith(f"# {field.description}"), key
+    assert PipelineConfig.model_validate(yaml.safe_load(text)) == cfg  # the comments are only comments
 
 
 def test_unknown_override_section_is_named(tmp_path):
