@@ -281,6 +281,21 @@ def write_results(out: dict[str, Any]) -> None:
     print(render_markdown(out), flush=True)
 
 
+def where_it_reaches(curve: list[dict], target: float) -> str:
+    """Where a learning curve first reaches ``target`` agreement (point estimate and lower bound)."""
+    rows = sorted(curve, key=lambda r: r["queries"])
+    point = next((r for r in rows if r["agreement"] >= target), None)
+    bound = next((r for r in rows if r["agreement_ci95"][0] >= target), None)
+    if point is None:
+        last = rows[-1]
+        return (f"{target:.0%} agreement is not reached at the largest size measured ({last['queries']:,} queries: "
+                f"{100 * last['agreement']:.1f}%).")
+    text = f"{target:.0%} agreement is first reached at {point['queries']:,} teacher-labelled queries (point estimate)"
+    if bound is None:
+        return text + "; no size measured has its whole 95% interval above it."
+    return text + f"; its whole 95% interval is above it from {bound['queries']:,} queries."
+
+
 def render_markdown(out: dict[str, Any]) -> str:
     def pct(x: float) -> str:
         return f"{100 * x:.1f}%"
@@ -315,7 +330,7 @@ def render_markdown(out: dict[str, Any]) -> str:
              ""]
     if out.get("recipe_curve"):
         lines += ["## Learning curve (the demo's recipe: response target, default system message)", "",
-                  *table(out["recipe_curve"]), ""]
+                  *table(out["recipe_curve"]), "", where_it_reaches(out["recipe_curve"], 0.90), ""]
     if out.get("capacity"):
         lines += ["## Student capacity (the demo's recipe)", "", *table(out["capacity"]), "",
                   "mlp-lora: LoRA rank 16 on the attention and MLP projections (the demo: attention only); "
