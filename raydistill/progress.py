@@ -47,9 +47,11 @@ def last_step(metrics_jsonl: Path) -> int:
     return 0
 
 
-def format_line(label: str, done: int, total: int | None, unit: str, elapsed_s: float) -> str:
-    """``generate: 96/300 queries · 1.6/s · ETA 2m08s`` (pure)."""
-    rate = done / elapsed_s if elapsed_s > 0 else 0.0
+def format_line(label: str, done: int, total: int | None, unit: str, elapsed_s: float, rate: float | None = None) -> str:
+    """``generate: 96/300 samples · 1.60/s · ETA 2m08s · 1m00s elapsed`` (pure). ``rate``: the
+    steady rate when known (start-up excluded), else the average since the start."""
+    if rate is None:
+        rate = done / elapsed_s if elapsed_s > 0 else 0.0
     parts = [f"{label}: {done:,}/{total:,} {unit}" if total else f"{label}: {done:,} {unit}", f"{rate:.2f}/s"]
     if total and rate > 0 and done < total:
         parts.append(f"ETA {_duration((total - done) / rate)}")
@@ -82,8 +84,13 @@ class Progress:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        first: tuple[float, int] | None = None  # when work first showed: the rate leaves start-up out
         while not self._stop.wait(self.every_s):
-            logger.info(format_line(self.label, self.count(), self.total, self.unit, time.time() - self._started))
+            now, done = time.time(), self.count()
+            if first is None and done > 0:
+                first = (now, done)
+            rate = (done - first[1]) / (now - first[0]) if first and done > first[1] else None
+            logger.info(format_line(self.label, done, self.total, self.unit, now - self._started, rate))
 
 
 def quiet_ray_driver() -> None:
@@ -94,6 +101,7 @@ def quiet_ray_driver() -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    for name in ("ray.data", "ray.serve", "ray.train"):
+    for name in ("ray", "ray.data", "ray.serve", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("ray.data").addFilter(lambda record: not str(record.msg).startswith("Progress bars disabled"))
+    # "progress bars disabled" is what we asked for; the records come from a child logger
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
