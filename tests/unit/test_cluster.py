@@ -154,3 +154,25 @@ def test_job_commands_never_rely_on_the_console_script():
     console = re.compile(r"--\s*(\\\s*#?\s*)?raydistill ")  # also across a shell line continuation
     bad = [str(f.relative_to(REPO)) for f in files if f.is_file() and console.search(f.read_text(errors="ignore"))]
     assert not bad, f"use `-- python -m raydistill <verb>` in {bad}"
+
+
+def _pins(path: Path) -> dict[str, str]:
+    lines = [ln.split("#")[0].strip() for ln in path.read_text().splitlines()]
+    return {name.lower(): version for name, version in (ln.split("==") for ln in lines if "==" in ln)}
+
+
+def test_one_pinned_gpu_stack_everywhere():
+    """constraints-gpu.txt is the GPU stack; the runtime env, the RayJob, the image and the extra agree with it."""
+    import tomllib
+
+    gpu = _pins(REPO / "constraints-gpu.txt")
+    cpu = _pins(REPO / "constraints-cpu.txt")
+    for name, version in gpu.items():  # the CPU tests run the same Python code
+        assert cpu.get(name, cpu.get(f"{name}-cpu")) == version, name
+    runtime = {r.split("==")[0].lower(): r.split("==")[1] for r in load(REPO / "jobs" / "runtime_env_gpu.yaml")["pip"]["packages"]}
+    assert runtime == {k: v for k, v in gpu.items() if k != "ray"}  # Ray comes with the image
+    dockerfile = (REPO / "cluster" / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{gpu['ray']}-py311-gpu" in dockerfile and "-c /tmp/constraints-gpu.txt" in dockerfile
+    assert all(name in dockerfile.split("RUN pip install")[1] for name in runtime)
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    assert f"vllm=={gpu['vllm']}" in extra
