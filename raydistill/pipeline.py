@@ -18,8 +18,8 @@ from raydistill.teacher.generate import generate
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo_cpu.yaml"
+# Inside the package, so an installed wheel has it (in a checkout, a link to jobs/configs/demo_cpu.yaml).
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo_cpu.yaml"
 
 
 def _done(folder: Path) -> bool:
