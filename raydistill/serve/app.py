@@ -39,7 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from raydistill.config import ServeConfig
-from raydistill.dtypes import engine_dtype
+from raydistill.engine import CPU_ENGINE_ENV, engine_args
 from raydistill.render import render_prompt
 from raydistill.serve.openai_api import (
     ChatCompletionRequest,
@@ -63,19 +63,10 @@ class ModelServer:
         cfg = ServeConfig.model_validate(serve)
         self.max_model_len = cfg.max_model_len
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        kwargs: dict[str, Any] = {
-            "model": model_path,
-            "dtype": engine_dtype(cfg.dtype, cfg.accelerator),
-            "max_model_len": cfg.max_model_len,
-            "enable_prefix_caching": True,
-            "enforce_eager": cfg.enforce_eager,
-            "disable_log_stats": True,
-        }
-        if cfg.block_size:
-            kwargs["block_size"] = cfg.block_size
-        if cfg.accelerator == "cpu":
-            kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * 2**30)
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        kwargs = engine_args(dtype=cfg.dtype, accelerator=cfg.accelerator, max_model_len=cfg.max_model_len,
+                             enforce_eager=cfg.enforce_eager, block_size=cfg.block_size, kv_cache_gib=cfg.kv_cache_gib,
+                             disable_log_stats=True)
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model_path, **kwargs))
 
     async def generate(self, messages: list[dict[str, str]], prefix: str, params: dict[str, Any]) -> dict[str, Any]:
         from vllm import SamplingParams
@@ -161,8 +152,7 @@ def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfi
 
     actor_options: dict[str, Any] = {"num_cpus": 1} if serve_cfg.accelerator == "cpu" else {"num_gpus": 1}
     if serve_cfg.accelerator == "cpu":
-        actor_options["runtime_env"] = {"env_vars": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-                                                     "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(serve_cfg.kv_cache_gib)))}}
+        actor_options["runtime_env"] = {"env_vars": CPU_ENGINE_ENV}
     quiet = {"enable_access_log": False}  # one log line per request would drown the pipeline's output
     server = serve.deployment(
         ModelServer, max_ongoing_requests=serve_cfg.max_ongoing_requests,

