@@ -19,6 +19,7 @@ from typing import Any
 
 from raydistill.config import PipelineConfig
 from raydistill.errors import ConfigError
+from raydistill.progress import duration
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ def render(plan: Plan, cfg: PipelineConfig, connected: bool) -> str:
               f"  train: ~{w['train_tokens_per_epoch']:,} tokens per epoch"]
     e = plan.estimate
     hours = "".join(f", {k.replace('_', ' ')} {v}" for k, v in e.items() if k.endswith("gpu_hours"))
-    lines += ["", f"time (estimate): generate ~{_duration(e['generate_s'])}, train ~{_duration(e['train_s'])}{hours}",
+    lines += ["", f"time (estimate): generate ~{duration(e['generate_s'])}, train ~{duration(e['train_s'])}{hours}",
               f"  from: {e['source']}"]
     if not connected:
         lines += ["", "not connected to a Ray cluster: set RAY_ADDRESS (or cluster.address) to check its resources"]
@@ -234,11 +235,6 @@ def render(plan: Plan, cfg: PipelineConfig, connected: bool) -> str:
     else:
         lines += ["", "the cluster has the resources for every stage"]
     return "\n".join(lines)
-
-
-def _duration(seconds: float) -> str:
-    hours, rest = divmod(int(seconds), 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 def run_plan(cfg: PipelineConfig, *, connect: bool = True) -> Plan:

@@ -54,19 +54,23 @@ def format_line(label: str, done: int, total: int | None, unit: str, elapsed_s: 
         rate = done / elapsed_s if elapsed_s > 0 else 0.0
     parts = [f"{label}: {done:,}/{total:,} {unit}" if total else f"{label}: {done:,} {unit}", f"{rate:.2f}/s"]
     if total and rate > 0 and done < total:
-        parts.append(f"ETA {_duration((total - done) / rate)}")
-    parts.append(f"{_duration(elapsed_s)} elapsed")
+        parts.append(f"ETA {duration((total - done) / rate)}")
+    parts.append(f"{duration(elapsed_s)} elapsed")
     return " · ".join(parts)
 
 
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
+def duration(seconds: float) -> str:
+    """``45s``, ``2m08s``, ``3h05m``."""
+    hours, rest = divmod(int(round(seconds)), 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 class Progress:
-    """A background thread logging ``format_line`` every ``every_s`` while a stage works, and a
-    last line when it ends. ``count`` must be cheap and must not raise."""
+    """A background thread logging ``format_line`` every ``every_s`` while a stage works (the
+    stage logs its own summary when it ends). ``count`` must be cheap and must not raise."""
 
     def __init__(self, label: str, count: Callable[[], int], total: int | None, unit: str, every_s: float = 15.0):
         self.label, self.count, self.total, self.unit, self.every_s = label, count, total, unit, every_s

@@ -5,7 +5,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydistill.progress import format_line, last_step, parquet_rows
+from raydistill.progress import duration, format_line, last_step, parquet_rows
 
 
 def test_line_shows_done_total_rate_and_eta():
@@ -32,3 +32,7 @@ def test_last_step_reads_the_newest_logged_step(tmp_path):
     assert last_step(path) == 0
     path.write_text("\n".join(json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3)) + '\n{"step": 4, "lo')
     assert last_step(path) == 3  # a line being appended is skipped
+
+
+def test_durations_read_at_a_glance():
+    assert [duration(s) for s in (45, 128, 11_100)] == ["45s", "2m08s", "3h05m"]
