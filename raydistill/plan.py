@@ -124,8 +124,9 @@ def sample_queries(cfg: PipelineConfig) -> tuple[list[str], int, bool]:
         import pyarrow.parquet as pq
 
         count = sum(pq.read_metadata(f, filesystem=fs).num_rows for f in source.files)
-        texts = pq.ParquetFile(source.files[0], filesystem=fs).read_row_group(0, columns=[column]).column(column).to_pylist()
-        texts, exact = [str(t) for t in texts[:SAMPLE_QUERIES]], True
+        # one small batch, not a whole row group (which may hold millions of rows)
+        batch = next(pq.ParquetFile(source.files[0], filesystem=fs).iter_batches(batch_size=SAMPLE_QUERIES, columns=[column]))
+        texts, exact = [str(t) for t in batch.column(0).to_pylist()], True
     else:
         with fs.open_input_stream(source.files[0]) as stream:
             head = stream.read(1 << 18)

@@ -30,3 +30,17 @@ def test_shortfalls_name_the_missing_resource_and_the_stage():
     # enough GPUs in all, but no node holds one engine's two packed GPUs
     scattered = shortfalls(engines, {"GPU": 8.0}, [{"GPU": 1.0}] * 8)
     assert len(scattered) == 1 and "no node has 2 GPU for one actor" in scattered[0]
+
+
+def test_parquet_sources_are_counted_exactly_and_sampled_small(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raydistill.plan import SAMPLE_QUERIES, sample_queries
+
+    pq.write_table(pa.table({"text": [f"hola {i}" for i in range(500)]}), tmp_path / "q.parquet")
+    cfg = load_config(CONFIGS / "demo_cpu.yaml", [f"queries.train_path={tmp_path}", "teacher.max_rows=null"])
+    texts, count, exact = sample_queries(cfg)
+    assert (len(texts), count, exact) == (SAMPLE_QUERIES, 500, True) and texts[0] == "hola 0"
+    capped = sample_queries(load_config(CONFIGS / "demo_cpu.yaml", [f"queries.train_path={tmp_path}"]))
+    assert capped[1:] == (300, True)  # teacher.max_rows of the demo
