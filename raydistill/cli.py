@@ -99,7 +99,7 @@ def _dispatch(args: argparse.Namespace, cfg: PipelineConfig) -> None:
         if args.url:
             evaluate(cfg, args.url, overwrite=args.overwrite)
         else:
-            url = start_serving(cfg)
+            url = start_serving(cfg, with_base="base" in cfg.eval.systems)
             try:
                 evaluate(cfg, url, overwrite=args.overwrite)
             finally:

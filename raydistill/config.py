@@ -16,6 +16,12 @@ from raydistill.errors import ConfigError
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 
+System = Literal["student", "teacher", "base"]  # a model the Serve app serves and evaluate sends traffic to
+
+
+def _all_systems() -> list[System]:
+    return ["teacher", "base", "student"]
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -159,18 +165,26 @@ class ServeConfig(_Section):
     kv_cache_gib: float = Field(1.0, gt=0.0, description="KV cache size per engine on CPU (ignored on GPU).")
     block_size: int | None = Field(32, description="KV block size (as teacher.block_size).")
     enforce_eager: bool = Field(False, description="Skip torch.compile / CUDA graphs (as teacher.enforce_eager).")
-    accelerator: Literal["cpu", "gpu"] = Field("cpu", description="Where served engines run: cpu or gpu (one GPU per replica).")
+    accelerator: Literal["cpu", "gpu"] = Field("cpu", description="Where served engines run: cpu or gpu.")
+    teacher_tensor_parallel_size: int = Field(1, ge=1, description="GPUs each teacher replica's engine is split across (one node; 1 on CPU).")
+    student_tensor_parallel_size: int = Field(1, ge=1, description="GPUs each student (and base) replica's engine is split across.")
     student_answer_prefix: bool = Field(
         True, description="Force the task's answer prefix on the student's answers when it was trained to say it "
         "(train.target=response): the prefix is prefilled, not decoded token by token, as for the teacher.",
     )
 
+    @model_validator(mode="after")
+    def _check_parallel(self) -> ServeConfig:
+        if max(self.teacher_tensor_parallel_size, self.student_tensor_parallel_size) > 1 and self.accelerator == "cpu":
+            raise ValueError("serve.*_tensor_parallel_size > 1 splits an engine across GPUs: set serve.accelerator=gpu")
+        return self
+
 
 class EvalConfig(_Section):
     """Evaluation traffic against the Serve app."""
 
-    systems: list[Literal["student", "teacher", "base"]] = Field(
-        default_factory=lambda: ["teacher", "base", "student"],
+    systems: list[System] = Field(
+        default_factory=_all_systems,
         description="Models sent the evaluation traffic, one after the other.",
     )
     concurrency: int = Field(16, ge=1, description="Concurrent in-flight requests per client actor.")

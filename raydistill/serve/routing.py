@@ -7,10 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from raydistill.serve.openai_api import ChatCompletionRequest
+from raydistill.serve.openai_api import ChatCompletionRequest, CompletionRequest, SamplingFields
 from raydistill.tasks.task import TaskSpec
 
-DEFAULT_MAX_TOKENS = 64
+DEFAULT_MAX_TOKENS = 64  # chat answers when the client sets no limit (OpenAI: up to the context)
+COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 @dataclass(frozen=True)
@@ -23,10 +24,17 @@ class Route:
     answer_prefix: str = ""
 
 
-def routes_for(has_student: bool, task: TaskSpec, student_prefix: bool = False) -> dict[str, Route]:
-    """Public model names → engines. ``teacher`` and ``base`` share the teacher's engine.
-    ``student_prefix``: the student was trained to start its answers with the task's prefix."""
-    routes = {"teacher": Route("teacher", True, task.assistant_prefix), "base": Route("teacher", False)}
+def routes_for(has_student: bool, task: TaskSpec, student_prefix: bool = False,
+               base_engine: str | None = "teacher") -> dict[str, Route]:
+    """Public model names → engines.
+
+    ``student_prefix``: the student was trained to start its answers with the task's prefix.
+    ``base_engine``: the engine of the student's starting model, ``teacher`` when the student
+    was initialised from the teacher's weights (one engine serves both names), ``base`` for an
+    engine of its own, None when it is not served."""
+    routes = {"teacher": Route("teacher", True, task.assistant_prefix)}
+    if base_engine is not None:
+        routes["base"] = Route(base_engine, False)
     if has_student:
         routes["student"] = Route("student", False, task.assistant_prefix if student_prefix else "")
     return routes
@@ -43,33 +51,61 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class EngineRequest:
-    """One generation: the chat to render, the forced answer prefix, and vLLM sampling params."""
+    """One engine call: either a chat to render with the model's template (``messages``) or raw
+    texts to continue (``prompts``), the forced answer prefix, and vLLM sampling params."""
 
     engine: str
-    messages: list[dict[str, str]]
-    answer_prefix: str
+    messages: list[dict[str, str]] | None = None
+    prompts: list[str] | None = None
+    answer_prefix: str = ""
     params: dict[str, Any] = field(default_factory=dict)
 
 
+def _route(model: str, routes: dict[str, Route]) -> Route:
+    route = routes.get(model)
+    if route is None:
+        raise RequestError(f"model {model!r} not found; available: {sorted(routes)}", "model_not_found", 404)
+    return route
+
+
+def _sampling(req: SamplingFields, max_tokens: int, logprobs: int | None) -> dict[str, Any]:
+    params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p, "n": req.n}
+    optional = {"stop": req.stop or None, "seed": req.seed, "logprobs": logprobs,
+                "presence_penalty": req.presence_penalty or None, "frequency_penalty": req.frequency_penalty or None}
+    params.update({k: v for k, v in optional.items() if v is not None})
+    return params
+
+
 def plan_request(req: ChatCompletionRequest, routes: dict[str, Route], task: TaskSpec) -> EngineRequest:
-    """What the engine behind ``req.model`` is asked to do.
+    """What the engine behind ``req.model`` is asked to do for a chat request.
 
     The student and ``base`` see the client's chat as the student was trained on it (the task's
     student system message added unless the client sent one); the teacher sees the target prompt
     around the last user message, so clients send identical traffic to every model."""
-    route = routes.get(req.model)
-    if route is None:
-        raise RequestError(f"model {req.model!r} not found; available: {sorted(routes)}", "model_not_found", 404)
+    route = _route(req.model, routes)
     if route.inject_prompt:
         try:
             messages = task.teacher_messages(req.last_user_text())
         except ValueError:
             raise RequestError("messages hold no user message; the teacher answers the last user message") from None
     else:
-        messages = task.with_student_system([m.model_dump() for m in req.messages])
-    params: dict[str, Any] = {"max_tokens": req.limit(DEFAULT_MAX_TOKENS), "temperature": req.temperature, "top_p": req.top_p}
-    if req.stop:
-        params["stop"] = req.stop
-    if req.seed is not None:
-        params["seed"] = req.seed
-    return EngineRequest(route.engine, messages, route.answer_prefix, params)
+        messages = task.with_student_system(req.chat())
+    try:
+        logprobs = req.num_logprobs()
+    except ValueError as exc:
+        raise RequestError(str(exc)) from None
+    params = _sampling(req, req.limit(DEFAULT_MAX_TOKENS), logprobs)
+    return EngineRequest(route.engine, messages=messages, answer_prefix=route.answer_prefix, params=params)
+
+
+def plan_completion(req: CompletionRequest, routes: dict[str, Route]) -> EngineRequest:
+    """A completions request: the raw texts go to the engine as they are (no template, no prefix).
+    The teacher's target prompt is a conversation, so the teacher answers chats only."""
+    route = _route(req.model, routes)
+    if route.inject_prompt:
+        raise RequestError(f"model {req.model!r} answers chats only (its target prompt is injected into the "
+                           "conversation); use /v1/chat/completions")
+    if not req.prompts():
+        raise RequestError("prompt is an empty list; send at least one text")
+    params = _sampling(req, req.max_tokens or COMPLETIONS_MAX_TOKENS, req.logprobs)
+    return EngineRequest(route.engine, prompts=req.prompts(), params=params)

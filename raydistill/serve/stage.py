@@ -33,10 +33,17 @@ def trained_target(cfg: PipelineConfig) -> str:
         return cfg.train.target
 
 
-def start_serving(cfg: PipelineConfig, *, require_student: bool = True) -> str:
-    """Deploy teacher (+ student when trained) and return the base URL once healthy."""
+def start_serving(cfg: PipelineConfig, *, require_student: bool = True, with_base: bool = True) -> str:
+    """Deploy teacher (+ student when trained, + the student's starting model as ``base`` when it
+    is not the teacher's and ``with_base``) and return the base URL once healthy."""
     task = task_for(cfg.task)
     paths = {"teacher": resolve_model(cfg.teacher.model)}
+    base = resolve_model(cfg.train.student_model)
+    base_engine: str | None = "teacher"  # the teacher's engine also answers as `base`
+    if base != paths["teacher"]:
+        base_engine = "base" if with_base else None
+        if with_base:
+            paths["base"] = base
     merged = student_path(cfg)
     if (merged / "config.json").is_file():
         paths["student"] = str(merged)
@@ -45,7 +52,7 @@ def start_serving(cfg: PipelineConfig, *, require_student: bool = True) -> str:
     init_ray(cfg.cluster)
     started = time.time()
     prefix = cfg.serve.student_answer_prefix and "student" in paths and trained_target(cfg) == "response"
-    url = start(build_app(paths, task, cfg.serve, student_prefix=prefix), cfg.serve)
+    url = start(build_app(paths, task, cfg.serve, student_prefix=prefix, base_engine=base_engine), cfg.serve)
     logger.info("serve: %s ready in %.1f s", sorted(paths), time.time() - started)
     return url
 

@@ -245,6 +245,47 @@ def test_serve_openai_api_and_bad_requests(served):
     assert again.json()["usage"]["prompt_tokens"] > body["usage"]["prompt_tokens"]  # prompt injected server-side
 
 
+def test_serve_works_with_the_openai_sdk(served):
+    """The official OpenAI client, as an application would use it: streaming, n, logprobs, text
+    parts, the developer role, /v1/completions, and a refused field named in the SDK's error."""
+    import openai
+
+    client = openai.OpenAI(base_url=served + "/v1", api_key="unused", max_retries=0)
+    chunks = list(client.chat.completions.create(
+        model="teacher", messages=[{"role": "user", "content": "Bonjour tout le monde"}], max_tokens=4,
+        temperature=0, stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    whole = client.chat.completions.create(model="teacher", messages=[{"role": "user", "content": "Bonjour tout le monde"}],
+                                           max_tokens=4, temperature=0)
+    assert streamed == whole.choices[0].message.content and streamed.startswith("This text is written in")
+    assert len({c.id for c in chunks}) == 1 and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens > 1000
+
+    several = client.chat.completions.create(
+        model="student", n=3, max_tokens=4, logprobs=True, top_logprobs=2, temperature=0,
+        messages=[{"role": "developer", "content": "Answer briefly."},
+                  {"role": "user", "content": [{"type": "text", "text": "Hola, "}, {"type": "text", "text": "mundo"}]}])
+    assert [c.index for c in several.choices] == [0, 1, 2]
+    for choice in several.choices:
+        tokens = choice.logprobs.content
+        assert 1 <= len(tokens) <= 4 and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in tokens)
+        assert choice.message.content.endswith("".join(t.token for t in tokens))  # logprobs of the decoded tokens
+    assert several.usage.completion_tokens == sum(len(c.logprobs.content) for c in several.choices)
+    assert len({c.message.content for c in several.choices}) == 1  # greedy: three identical choices
+
+    text = client.completions.create(model="base", prompt=["The capital of France is", "1, 2, 3,"], max_tokens=3,
+                                     temperature=0, logprobs=1)
+    assert len(text.choices) == 2 and all(c.text and len(c.logprobs.tokens) == 3 for c in text.choices)
+    stream = client.completions.create(model="base", prompt="The capital of France is", max_tokens=3, temperature=0,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in stream) == text.choices[0].text  # greedy: streamed == whole
+
+    with pytest.raises(openai.BadRequestError, match="unsupported field 'tools'"):
+        client.chat.completions.create(model="student", messages=[{"role": "user", "content": "x"}],
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    with pytest.raises(openai.BadRequestError, match="answers chats only"):
+        client.completions.create(model="teacher", prompt="x")
+
+
 def test_serve_answers_240_concurrent_requests(served):
     """Concurrency far above the replicas' max_ongoing_requests: requests queue, none dropped, no 5xx."""
     from concurrent.futures import ThreadPoolExecutor

@@ -117,10 +117,12 @@ def test_other_languages_label_must_be_a_label():
         TaskSpec(name="t", labels={"a": "A"}, other_languages_label="ot")
 
 
-def test_parsing_is_fast(langid):
+def test_parsing_has_no_pathological_cost(langid):
+    # Not a speed claim (~0.1 s here when idle): it catches a name list rebuilt per call or a
+    # backtracking regex, which take minutes; the bound is loose so a loaded machine passes.
     answers = [" the Khmer language", "This text is written in Russian.", " a mystery", " Español"] * 2500
     langid.parse("warm up")  # the name list and the regex are built once per task
     start = time.perf_counter()
     for answer in answers:
         langid.parse(answer)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 10.0

@@ -10,11 +10,14 @@ CONFIGS = Path(__file__).parents[2] / "jobs" / "configs"
 
 def test_gpu_config_asks_for_tensor_parallel_engines_gpu_workers_and_replicas():
     by_stage = {d.stage: d for d in demands(load_config(CONFIGS / "gpu_qwen3_moe.yaml"))}
-    generate, train, serve = by_stage["generate"], by_stage["train"], by_stage["serve"]
+    generate, train = by_stage["generate"], by_stage["train"]
     assert generate.actors == 4 and generate.per_actor["GPU"] == 2.0  # the pool's max x TP 2
     assert generate.per_actor["accelerator_type:H100"] > 0
     assert train.total() == {"CPU": 32.0, "GPU": 8.0}
-    assert serve.total() == {"GPU": 8.0}  # teacher + student, 4 replicas each at most
+    # 4 replicas at most per model; the 30B teacher split over 2 GPUs; `base` (Qwen3-1.7B, the
+    # student's starting model) needs an engine of its own
+    assert by_stage["serve:teacher"].total() == {"GPU": 8.0}
+    assert by_stage["serve:student"].total() == by_stage["serve:base"].total() == {"GPU": 4.0}
 
 
 def test_cpu_demo_asks_only_for_cpus():

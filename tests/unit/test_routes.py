@@ -6,8 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from raydistill.serve.openai_api import ChatCompletionRequest
-from raydistill.serve.routing import DEFAULT_MAX_TOKENS, RequestError, plan_request, routes_for
+from raydistill.serve.openai_api import ChatCompletionRequest, CompletionRequest
+from raydistill.serve.routing import (
+    COMPLETIONS_MAX_TOKENS,
+    DEFAULT_MAX_TOKENS,
+    RequestError,
+    plan_completion,
+    plan_request,
+    routes_for,
+)
 from raydistill.tasks.task import load_task
 
 REPO = Path(__file__).parents[2]
@@ -51,13 +58,47 @@ def test_student_request_is_the_clients_chat_with_the_trained_system_message():
     assert own_system.messages[0] == {"role": "system", "content": "Be brief."}  # the client's wins
 
 
-def test_sampling_params_follow_the_request():
+def test_sampling_params_follow_the_request_with_openais_defaults():
     routes = routes_for(True, TASK)
     plain = plan_request(chat("base", ("user", "x")), routes, TASK).params
-    assert plain == {"max_tokens": DEFAULT_MAX_TOKENS, "temperature": 0.0, "top_p": 1.0}
+    assert plain == {"max_tokens": DEFAULT_MAX_TOKENS, "temperature": 1.0, "top_p": 1.0, "n": 1}
     asked = plan_request(chat("base", ("user", "x"), max_tokens=5, max_completion_tokens=3, stop=["."], seed=7,
-                              temperature=0.5), routes, TASK).params
-    assert asked == {"max_tokens": 3, "temperature": 0.5, "top_p": 1.0, "stop": ["."], "seed": 7}
+                              temperature=0.5, n=2, logprobs=True, top_logprobs=3, presence_penalty=0.5), routes, TASK).params
+    assert asked == {"max_tokens": 3, "temperature": 0.5, "top_p": 1.0, "n": 2, "stop": ["."], "seed": 7,
+                     "logprobs": 3, "presence_penalty": 0.5}
+    chosen_only = plan_request(chat("base", ("user", "x"), logprobs=True), routes, TASK).params
+    assert chosen_only["logprobs"] == 0  # logprobs without top_logprobs: the chosen token's alone
+    with pytest.raises(RequestError, match="top_logprobs needs logprobs: true"):
+        plan_request(chat("base", ("user", "x"), top_logprobs=2), routes, TASK)
+
+
+def test_developer_role_and_text_parts_reach_the_student_as_a_plain_chat():
+    routes = routes_for(True, TASK)
+    req = ChatCompletionRequest.model_validate({"model": "student", "messages": [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hola "}, {"type": "text", "text": "mundo"}]}]})
+    assert plan_request(req, routes, TASK).messages == [{"role": "system", "content": "Be brief."},
+                                                        {"role": "user", "content": "Hola mundo"}]
+    teacher = plan_request(req.model_copy(update={"model": "teacher"}), routes, TASK)
+    assert teacher.messages == TASK.teacher_messages("Hola mundo")
+
+
+def test_completions_continue_raw_text_and_the_teacher_answers_chats_only():
+    routes = routes_for(True, TASK, student_prefix=True)
+    req = CompletionRequest.model_validate({"model": "student", "prompt": ["a", "b"], "logprobs": 2})
+    plan = plan_completion(req, routes)
+    assert plan.engine == "student" and plan.prompts == ["a", "b"] and plan.messages is None
+    assert plan.answer_prefix == "" and plan.params["max_tokens"] == COMPLETIONS_MAX_TOKENS and plan.params["logprobs"] == 2
+    with pytest.raises(RequestError, match="answers chats only.*/v1/chat/completions"):
+        plan_completion(req.model_copy(update={"model": "teacher"}), routes)
+    with pytest.raises(RequestError, match="empty list"):
+        plan_completion(req.model_copy(update={"prompt": []}), routes)
+
+
+def test_base_is_the_students_starting_model():
+    assert routes_for(True, TASK)["base"].engine == "teacher"  # student initialised from the teacher's weights
+    assert routes_for(True, TASK, base_engine="base")["base"].engine == "base"
+    assert "base" not in routes_for(True, TASK, base_engine=None)
 
 
 def test_unknown_model_and_teacher_without_user_message_are_refused():
