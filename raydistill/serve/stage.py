@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from raydistill.config import PipelineConfig
 from raydistill.errors import DataError
@@ -33,9 +34,9 @@ def trained_target(cfg: PipelineConfig) -> str:
         return cfg.train.target
 
 
-def start_serving(cfg: PipelineConfig, *, require_student: bool = True, with_base: bool = True) -> str:
-    """Deploy teacher (+ student when trained, + the student's starting model as ``base`` when it
-    is not the teacher's and ``with_base``) and return the base URL once healthy."""
+def application(cfg: PipelineConfig, *, require_student: bool = True, with_base: bool = True) -> Any:
+    """The Serve application for a run: teacher (+ student when trained, + the student's starting
+    model as ``base`` when it is not the teacher's and ``with_base``). Builds, starts nothing."""
     task = task_for(cfg.task)
     paths = {"teacher": resolve_model(cfg.teacher.model)}
     base = resolve_model(cfg.train.student_model)
@@ -49,11 +50,17 @@ def start_serving(cfg: PipelineConfig, *, require_student: bool = True, with_bas
         paths["student"] = str(merged)
     elif require_student:
         raise DataError(f"no trained student at {str(merged)!r}; run `raydistill train` first")
+    prefix = cfg.serve.student_answer_prefix and "student" in paths and trained_target(cfg) == "response"
+    return build_app(paths, task, cfg.serve, student_prefix=prefix, base_engine=base_engine)
+
+
+def start_serving(cfg: PipelineConfig, *, require_student: bool = True, with_base: bool = True) -> str:
+    """Deploy the run's application (see ``application``) and return the base URL once healthy."""
+    app = application(cfg, require_student=require_student, with_base=with_base)
     init_ray(cfg.cluster)
     started = time.time()
-    prefix = cfg.serve.student_answer_prefix and "student" in paths and trained_target(cfg) == "response"
-    url = start(build_app(paths, task, cfg.serve, student_prefix=prefix, base_engine=base_engine), cfg.serve)
-    logger.info("serve: %s ready in %.1f s", sorted(paths), time.time() - started)
+    url = start(app, cfg.serve)
+    logger.info("serve: ready in %.1f s", time.time() - started)
     return url
 
 

@@ -230,6 +230,10 @@ def test_serve_openai_api_and_bad_requests(served):
         (requests.post(chat, json={"model": "nope", "messages": [{"role": "user", "content": "x"}]}, timeout=30), 404),
         (requests.post(chat, json={"model": "student", "messages": [{"role": "user", "content": "word " * 3000}]},
                        timeout=60), 400),
+        (requests.post(chat, json={"model": "student", "messages": [{"role": "user", "content": "a" * 2**20}]},
+                       timeout=120), 400),  # a 1 MB message
+        (requests.post(chat, data=b'{"model": "student", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+                       headers={"content-type": "application/json"}, timeout=30), 400),  # invalid UTF-8
         (requests.post(chat, json={"model": "teacher", "messages": [{"role": "user", "content": "x"}],
                                    "max_tokens": 10**9}, timeout=60), 400),
     ]
@@ -286,26 +290,27 @@ def test_serve_works_with_the_openai_sdk(served):
         client.completions.create(model="teacher", prompt="x")
 
 
-def test_serve_answers_240_concurrent_requests(served):
+def test_serve_answers_240_concurrent_requests_from_the_async_sdk(served):
     """Concurrency far above the replicas' max_ongoing_requests: requests queue, none dropped, no 5xx."""
-    from concurrent.futures import ThreadPoolExecutor
+    import asyncio
 
-    import requests
+    import openai
 
-    chat = served + "/v1/chat/completions"
     systems = ("student", "teacher", "base")
 
-    def ask(i: int) -> tuple[int, dict]:
-        body = {"model": systems[i % 3], "messages": [{"role": "user", "content": f"Texte numéro {i}"}], "max_tokens": 3}
-        resp = requests.post(chat, json=body, timeout=600)
-        return resp.status_code, resp.json()
+    async def burst() -> list:
+        client = openai.AsyncOpenAI(base_url=served + "/v1", api_key="unused", max_retries=0, timeout=600)
+        async with client:
+            return await asyncio.gather(*(
+                client.chat.completions.create(model=systems[i % 3], max_tokens=3, temperature=0,
+                                               messages=[{"role": "user", "content": f"Texte numéro {i}"}])
+                for i in range(240)), return_exceptions=True)
 
-    with ThreadPoolExecutor(max_workers=240) as pool:
-        results = list(pool.map(ask, range(240)))
-    codes = [code for code, _ in results]
-    assert codes.count(200) == 240, {c: codes.count(c) for c in set(codes)}
-    assert all(body["choices"][0]["message"]["content"] is not None for _, body in results)
-    assert {body["model"] for _, body in results} == set(systems)
+    results = asyncio.run(burst())
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert not failed, f"{len(failed)} of 240 failed, e.g. {failed[0]!r}"
+    assert all(r.choices[0].message.content for r in results)
+    assert {r.model for r in results} == set(systems)
 
 
 def test_report_html_renders_in_headless_chromium(finished_run, tmp_path):
@@ -372,3 +377,31 @@ def test_merged_student_answers_the_same_in_vllm_and_transformers(finished_run):
                     break
                 assert abs(float(logprobs[token]) - v_lps[i]) < 1e-2, (prompt, i)
                 ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+
+
+def test_a_killed_engine_gives_503_then_serving_resumes(served):
+    """SIGKILL the student replica's vLLM engine process: requests get a clean 503 while Serve
+    replaces the replica (its health check fails), then 200 again. Runs last: it restarts a replica."""
+    import psutil
+    import requests
+
+    chat = served + "/v1/chat/completions"
+    body = {"model": "student", "messages": [{"role": "user", "content": "Hallo"}], "max_tokens": 2}
+    replica = next(p for p in psutil.process_iter(["cmdline"])
+                   if any("ServeReplica:raydistill:model-student" in part for part in p.info["cmdline"] or []))
+    engines = [c for c in replica.children(recursive=True) if "VLLM" in " ".join(c.cmdline())]
+    assert engines, "no vLLM process under the student replica"
+    for engine in engines:  # processes of the engine this test's server started
+        engine.kill()
+    codes, deadline = [], time.time() + 600
+    while time.time() < deadline:
+        resp = requests.post(chat, json=body, timeout=120)
+        codes.append(resp.status_code)
+        if resp.status_code == 200 and 503 in codes:
+            break
+        if resp.status_code != 200:
+            message = resp.json()["error"]["message"]
+            assert "\n" not in message and "ray::" not in message and "Traceback" not in message, message
+        time.sleep(2)
+    assert 503 in codes and codes[-1] == 200, codes
+    assert set(codes) <= {200, 503}, codes

@@ -88,6 +88,44 @@ def test_rayjob_runs_a_real_entrypoint_on_the_same_cluster(raycluster, rayjob):
     assert runtime_env == load(REPO / "jobs" / "runtime_env_gpu.yaml")
 
 
+def test_rayservice_serves_the_app_builder_on_the_same_cluster(raycluster):
+    from ray.serve.schema import ServeDeploySchema
+
+    service = load(KUBERAY / "rayservice.yaml")
+    assert service["kind"] == "RayService" and service["spec"]["rayClusterConfig"] == raycluster["spec"]
+    for template in pod_templates(service["spec"]["rayClusterConfig"]):
+        kubernetes_validate.validate(as_pod(template), K8S_VERSION, strict=True)
+    serve_config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    assert serve_config.http_options.host == "0.0.0.0"  # reachable through the head's service
+    (application,) = serve_config.applications
+    module, name = application.import_path.split(":")
+    assert module == "raydistill.serve.deploy" and name == "app"
+    cfg = load_config(REPO / application.args["config"])
+    assert cfg.serve.accelerator == "gpu" and cfg.serve.host == "0.0.0.0"
+    runtime_env = dict(application.runtime_env)
+    assert runtime_env.pop("working_dir").endswith(".zip")
+    assert runtime_env == load(REPO / "jobs" / "runtime_env_gpu.yaml")
+
+
+def test_serve_run_builds_the_app_from_its_arguments(tmp_path):
+    """What `serve run raydistill.serve.deploy:app config=... overrides=...` does, short of running it."""
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from raydistill.serve.deploy import app
+
+    model = tmp_path / "model"  # a local model folder: nothing is fetched or loaded while building
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "queries": {"train_path": "x", "eval_path": "y"},
+                                      "teacher": {"model": str(model)}, "train": {"student_model": str(model)}}))
+    built = call_user_app_builder_with_args_if_necessary(app, {"config": str(config), "overrides": "serve.port=8123"})
+    assert isinstance(built, Application)
+    with pytest.raises(Exception, match="extra"):  # a misspelt argument is refused, not ignored
+        call_user_app_builder_with_args_if_necessary(app, {"config": str(config), "overide": "x"})
+
+
 def test_launcher_yaml_is_valid_for_ray_and_matches_kuberay(raycluster):
     schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
     config = load(LAUNCHER)
