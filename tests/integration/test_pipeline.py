@@ -262,7 +262,7 @@ def test_serve_works_with_the_openai_sdk(served):
     whole = client.chat.completions.create(model="teacher", messages=[{"role": "user", "content": "Bonjour tout le monde"}],
                                            max_tokens=4, temperature=0)
     assert streamed == whole.choices[0].message.content and streamed.startswith("This text is written in")
-    assert len({c.id for c in chunks}) == 1 and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens > 1000
+    assert len({c.id for c in chunks}) == 1 and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
     several = client.chat.completions.create(
         model="student", n=3, max_tokens=4, logprobs=True, top_logprobs=2, temperature=0,
@@ -275,6 +275,7 @@ def test_serve_works_with_the_openai_sdk(served):
         assert choice.message.content.endswith("".join(t.token for t in tokens))  # logprobs of the decoded tokens
     assert several.usage.completion_tokens == sum(len(c.logprobs.content) for c in several.choices)
     assert len({c.message.content for c in several.choices}) == 1  # greedy: three identical choices
+    assert several.usage.prompt_tokens < whole.usage.prompt_tokens  # the teacher's prompt was injected
 
     text = client.completions.create(model="base", prompt=["The capital of France is", "1, 2, 3,"], max_tokens=3,
                                      temperature=0, logprobs=1)
