@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="finish an interrupted run: skip complete stages, sample only what is missing")
         if verb == "evaluate":
             p.add_argument("--url", help="base URL of a running `raydistill serve` app; default: start one")
+        if verb == "plan":
+            p.add_argument("--queries", type=int, metavar="N",
+                           help="plan as if the train queries were N rows (sizing: e.g. --queries 10000000)")
         if verb not in ("plan", "config"):
             p.add_argument("--dry-run", action="store_true", help="print the plan (`raydistill plan`) and stop")
     return parser
@@ -79,7 +82,7 @@ def _dispatch(args: argparse.Namespace, cfg: PipelineConfig) -> None:
     elif args.verb == "plan" or args.dry_run:
         from raydistill.plan import run_plan
 
-        run_plan(cfg)
+        run_plan(cfg, queries=getattr(args, "queries", None))
     elif args.verb == "generate":
         from raydistill.teacher.generate import generate
 

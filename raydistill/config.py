@@ -168,6 +168,10 @@ class ServeConfig(_Section):
     accelerator: Literal["cpu", "gpu"] = Field("cpu", description="Where served engines run: cpu or gpu.")
     teacher_tensor_parallel_size: int = Field(1, ge=1, description="GPUs each teacher replica's engine is split across (one node; 1 on CPU).")
     student_tensor_parallel_size: int = Field(1, ge=1, description="GPUs each student (and base) replica's engine is split across.")
+    gpus_per_replica: float | None = Field(
+        None, gt=0.0, description="Ray GPUs each replica asks for (default: its tensor_parallel_size); below 1 engines "
+        "share a GPU, e.g. 0.5 for teacher + student on one GPU with gpu_memory_utilization 0.42.")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Share of a GPU's memory each engine may use (weights + KV cache).")
     student_answer_prefix: bool = Field(
         True, description="Force the task's answer prefix on the student's answers when it was trained to say it "
         "(train.target=response): the prefix is prefilled, not decoded token by token, as for the teacher.",
@@ -177,6 +181,9 @@ class ServeConfig(_Section):
     def _check_parallel(self) -> ServeConfig:
         if max(self.teacher_tensor_parallel_size, self.student_tensor_parallel_size) > 1 and self.accelerator == "cpu":
             raise ValueError("serve.*_tensor_parallel_size > 1 splits an engine across GPUs: set serve.accelerator=gpu")
+        tp = max(self.teacher_tensor_parallel_size, self.student_tensor_parallel_size)
+        if self.gpus_per_replica is not None and self.gpus_per_replica < 1 and tp > 1:
+            raise ValueError("serve.gpus_per_replica < 1 shares one GPU between engines: it needs tensor_parallel_size 1")
         return self
 
 

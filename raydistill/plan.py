@@ -79,11 +79,11 @@ def demands(cfg: PipelineConfig) -> list[Demand]:
                       tr.num_workers, worker))
     s = cfg.serve
     replicas = s.autoscaling.max_replicas if s.autoscaling else s.num_replicas
-    engines = [("teacher", s.teacher_tensor_parallel_size), ("student", s.student_tensor_parallel_size)]
+    served = [("teacher", s.teacher_tensor_parallel_size), ("student", s.student_tensor_parallel_size)]
     if "base" in cfg.eval.systems and cfg.train.student_model != cfg.teacher.model:  # else the teacher's engine answers
-        engines.append(("base", s.student_tensor_parallel_size))
-    for who, tp in engines:
-        replica = {"GPU": float(tp)} if s.accelerator == "gpu" else {"CPU": 1.0}
+        served.append(("base", s.student_tensor_parallel_size))
+    for who, tp in served:
+        replica = {"GPU": float(s.gpus_per_replica or tp)} if s.accelerator == "gpu" else {"CPU": 1.0}
         out.append(Demand(f"serve:{who}", f"{replicas} replica(s) (at most) x tensor parallel {tp}", replicas, replica))
     return out
 
@@ -182,10 +182,14 @@ def token_counts(cfg: PipelineConfig, texts: list[str]) -> tuple[float, float, s
     return sum(teacher) / n, sum(student) / n, how
 
 
-def make_plan(cfg: PipelineConfig, cluster: tuple[dict[str, float], list[dict[str, float]]] | None = None) -> Plan:
-    """Demands, work and time for ``cfg``; with ``cluster``, the shortfalls that would stall it."""
+def make_plan(cfg: PipelineConfig, cluster: tuple[dict[str, float], list[dict[str, float]]] | None = None,
+              queries: int | None = None) -> Plan:
+    """Demands, work and time for ``cfg``; with ``cluster``, the shortfalls that would stall it.
+    ``queries``: plan for that many train queries instead of the source's count (sizing)."""
     plan = Plan(demands(cfg))
     texts, count, exact = sample_queries(cfg)
+    if queries is not None:
+        count, exact = queries, True
     teacher_tokens, student_tokens, how = token_counts(cfg, texts)
     samples = count * cfg.teacher.samples_per_query
     plan.work = {
@@ -244,7 +248,7 @@ def render(plan: Plan, cfg: PipelineConfig, connected: bool) -> str:
     return "\n".join(lines)
 
 
-def run_plan(cfg: PipelineConfig, *, connect: bool = True) -> Plan:
+def run_plan(cfg: PipelineConfig, *, connect: bool = True, queries: int | None = None) -> Plan:
     """Print the plan; refuse (ConfigError) when a connected cluster lacks a resource."""
     cluster = None
     if connect and (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
@@ -254,7 +258,7 @@ def run_plan(cfg: PipelineConfig, *, connect: bool = True) -> Plan:
         cluster = cluster_resources()
     elif connect:
         cluster = cluster_resources()  # a Ray this process already started (tests, notebooks)
-    plan = make_plan(cfg, cluster)
+    plan = make_plan(cfg, cluster, queries)
     print(render(plan, cfg, cluster is not None))  # noqa: T201
     if plan.problems:
         raise ConfigError(f"the cluster cannot run this config: {plan.problems[0]}")

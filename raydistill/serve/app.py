@@ -80,7 +80,8 @@ class ModelServer:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         kwargs = engine_args(dtype=cfg.dtype, accelerator=cfg.accelerator, max_model_len=cfg.max_model_len,
                              enforce_eager=cfg.enforce_eager, block_size=cfg.block_size, kv_cache_gib=cfg.kv_cache_gib,
-                             tensor_parallel_size=tensor_parallel_size, disable_log_stats=True)
+                             tensor_parallel_size=tensor_parallel_size, disable_log_stats=True,
+                             gpu_memory_utilization=cfg.gpu_memory_utilization if cfg.accelerator == "gpu" else None)
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model_path, **kwargs))
 
     def _encode(self, plan: EngineRequest) -> list[list[int]] | dict[str, str]:
@@ -301,7 +302,8 @@ def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfi
     handles = {}
     for name, path in model_paths.items():
         tp = serve_cfg.teacher_tensor_parallel_size if name == "teacher" else serve_cfg.student_tensor_parallel_size
-        options: dict[str, Any] = {"num_gpus": tp}  # vLLM's mp executor splits the engine over the replica's GPUs
+        # vLLM's mp executor splits the engine over the replica's GPUs; a fraction shares one GPU
+        options: dict[str, Any] = {"num_gpus": serve_cfg.gpus_per_replica or tp}
         if serve_cfg.accelerator == "cpu":
             options = {"num_cpus": 1, "runtime_env": {"env_vars": CPU_ENGINE_ENV}}
         deployment = server.options(name=f"model-{name}", ray_actor_options=options)

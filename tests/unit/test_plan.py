@@ -47,3 +47,21 @@ def test_parquet_sources_are_counted_exactly_and_sampled_small(tmp_path):
     assert (len(texts), count, exact) == (SAMPLE_QUERIES, 500, True) and texts[0] == "hola 0"
     capped = sample_queries(load_config(CONFIGS / "demo_cpu.yaml", [f"queries.train_path={tmp_path}"]))
     assert capped[1:] == (300, True)  # teacher.max_rows of the demo
+
+
+def test_single_gpu_config_fits_one_gpu_per_stage():
+    cfg = load_config(CONFIGS / "gpu_single.yaml")
+    one_gpu = {"CPU": 16.0, "GPU": 1.0}
+    for d in demands(cfg):
+        assert shortfalls(d, one_gpu, [one_gpu]) == [], d  # each stage alone fits the one GPU
+    serving = [d for d in demands(cfg) if d.stage.startswith("serve")]
+    assert sum(d.total()["GPU"] for d in serving) == 1.0  # teacher and student share it
+
+
+def test_a_shared_gpu_needs_unsplit_engines():
+    import pytest
+
+    from raydistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="gpus_per_replica < 1 shares one GPU"):
+        load_config(CONFIGS / "gpu_single.yaml", ["serve.teacher_tensor_parallel_size=2"])
