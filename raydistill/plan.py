@@ -56,6 +56,7 @@ class Demand:
 @dataclass
 class Plan:
     demands: list[Demand]
+    memory: list[str] = field(default_factory=list)
     work: dict[str, Any] = field(default_factory=dict)
     estimate: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -213,11 +214,59 @@ def make_plan(cfg: PipelineConfig, cluster: tuple[dict[str, float], list[dict[st
         plan.estimate["generate_gpu_hours"] = round(gpus * generate_s / 3600, 1)
     if cfg.train.use_gpu:
         plan.estimate["train_gpu_hours"] = round(cfg.train.num_workers * train_s / 3600, 1)
+    plan.memory = memory_fits(cfg)
+    plan.problems += [f"{line.split(':')[0]} does not fit its GPU memory: {line}" for line in plan.memory if "DOES NOT FIT" in line]
+    s = cfg.serve
+    if s.accelerator == "gpu" and s.gpus_per_replica and s.gpus_per_replica < 1 and s.gpu_memory_utilization > s.gpus_per_replica:
+        plan.problems.append(f"serve engines share a GPU ({s.gpus_per_replica:g} each) but each may take "
+                             f"{s.gpu_memory_utilization:g} of its memory; set serve.gpu_memory_utilization <= "
+                             f"{s.gpus_per_replica:g}")
     if cluster is not None:
         total, nodes = cluster
         for demand in plan.demands:
             plan.problems += shortfalls(demand, total, nodes)
     return plan
+
+
+def memory_fits(cfg: PipelineConfig) -> list[str]:
+    """Per GPU engine, whether its weights and a full-length sequence fit (``memory_fit``); a line
+    saying why not checked when the model's config.json is not on local disk."""
+    from raydistill.memory_fit import count_params, engine_fit
+
+    t, s = cfg.teacher, cfg.serve
+    engines: list[tuple[str, str, str, int, int, float, str | None]] = []
+    if t.accelerator == "gpu":  # vLLM's default share of GPU memory in ray.data.llm
+        engines.append(("generate: teacher", t.model, t.dtype, t.tensor_parallel_size, t.max_model_len, 0.9, t.accelerator_type))
+    if s.accelerator == "gpu":
+        engines.append(("serve: teacher", t.model, s.dtype, s.teacher_tensor_parallel_size, s.max_model_len,
+                        s.gpu_memory_utilization, t.accelerator_type))
+        engines.append(("serve: student", cfg.train.student_model, s.dtype, s.student_tensor_parallel_size,
+                        s.max_model_len, s.gpu_memory_utilization, t.accelerator_type))
+    lines, params_of = [], {}
+    for name, model, dtype, tp, max_len, util, kind in engines:
+        config = local_model_config(model)
+        if config is None:
+            lines.append(f"{name}: not checked: no local config.json for {model!r} (download it, or run plan on the cluster)")
+            continue
+        if model not in params_of:
+            params_of[model] = count_params(config)
+        fit = engine_fit(name, config, params=params_of[model], dtype=dtype, tensor_parallel=tp, max_model_len=max_len,
+                         memory_utilization=util, accelerator_type=kind)
+        lines.append(fit.line())
+    return lines
+
+
+def local_model_config(model: str) -> Any:
+    """The model's transformers config from local disk (a folder or the HF cache), else None."""
+    try:
+        from transformers import AutoConfig
+
+        from raydistill.models import resolve_model
+
+        return AutoConfig.from_pretrained(resolve_model(model), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - not downloaded, gated, unknown architecture: say so, do not fail
+        logger.debug("plan: no local config for %s (%s)", model, exc)
+        return None
 
 
 def render(plan: Plan, cfg: PipelineConfig, connected: bool) -> str:
@@ -239,6 +288,8 @@ def render(plan: Plan, cfg: PipelineConfig, connected: bool) -> str:
     hours = "".join(f", {k.replace('_', ' ')} {v}" for k, v in e.items() if k.endswith("gpu_hours"))
     lines += ["", f"time (estimate): generate ~{duration(e['generate_s'])}, train ~{duration(e['train_s'])}{hours}",
               f"  from: {e['source']}"]
+    if plan.memory:
+        lines += ["", "GPU memory per engine (weights + KV cache at max_model_len):"] + [f"  {m}" for m in plan.memory]
     if not connected:
         lines += ["", "not connected to a Ray cluster: set RAY_ADDRESS (or cluster.address) to check its resources"]
     elif plan.problems:

@@ -65,3 +65,19 @@ def test_a_shared_gpu_needs_unsplit_engines():
 
     with pytest.raises(ConfigError, match="gpus_per_replica < 1 shares one GPU"):
         load_config(CONFIGS / "gpu_single.yaml", ["serve.teacher_tensor_parallel_size=2"])
+
+
+QWEN3_MOE = Path(__file__).parents[1] / "data" / "qwen3-30b-a3b-config"  # Qwen3-30B-A3B's shape: config.json only
+
+
+def test_memory_fit_counts_a_moe_teacher_and_refuses_one_gpu_too_small():
+    from raydistill.plan import memory_fits
+
+    cfg = load_config(CONFIGS / "gpu_qwen3_moe.yaml", [f"teacher.model={QWEN3_MOE}"])
+    teacher = [line for line in memory_fits(cfg) if "teacher" in line]
+    assert len(teacher) == 2 and all("30.5B parameters" in line and "fits:" in line for line in teacher)  # TP 2 on H100s
+    assert any("not checked: no local config.json for 'Qwen/Qwen3-1.7B'" in line for line in memory_fits(cfg))
+    small = load_config(CONFIGS / "gpu_qwen3_moe.yaml", [f"teacher.model={QWEN3_MOE}", "teacher.tensor_parallel_size=1",
+                                                         "teacher.accelerator_type=L4"])
+    (generate,) = [line for line in memory_fits(small) if line.startswith("generate")]
+    assert "61.1 GB weights" in generate and "DOES NOT FIT" in generate and "of 21.6 GB (L4)" in generate
