@@ -35,6 +35,7 @@ demo: setup
 
 test: setup system-deps
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(NETNS) $(PY) -m pytest -q tests
 
 lint: setup

@@ -70,6 +70,8 @@ def ray_logs_dir() -> str:
     try:
         from ray._private.worker import _global_node
 
-        return _global_node.get_logs_dir_path()
+        # ray declares `_global_node = None` (so mypy infers None); ray.init sets it to the session's Node
+        node: Any = _global_node
+        return node.get_logs_dir_path()
     except (ImportError, AttributeError):  # a private API: the path is only a hint
         return "the Ray session's logs folder (/tmp/ray/session_latest/logs on the head node)"

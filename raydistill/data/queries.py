@@ -71,7 +71,7 @@ def read_queries(source: Source, cfg: QueriesConfig) -> ray.data.Dataset:
     if source.format == "text":
         text_column, id_column, gold_column = "text", None, None
     ds = ds.map_batches(
-        normalize_batch,
+        normalize_batch,  # type: ignore[arg-type]  # Ray's UDF type has no keyword-only params; fn_kwargs fills them
         batch_format="pyarrow",
         fn_kwargs={"text_column": text_column, "id_column": id_column, "gold_column": gold_column, "source": source.uri},
     )

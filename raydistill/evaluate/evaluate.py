@@ -9,11 +9,13 @@ Writes ``<run_dir>/eval/``: ``results/<system>/*.parquet`` (one dataset: ``pq.re
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from raydistill.config import PipelineConfig
@@ -69,7 +71,7 @@ def evaluate(cfg: PipelineConfig, base_url: str, *, overwrite: bool = False,
                                           num_cpus=0.25)
             folder = tmp / "results" / system
             # a file per client batch: the progress line counts requests answered as they finish
-            with Progress(f"evaluate {system}", lambda f=folder: parquet_rows(f), n_queries, "requests"):
+            with Progress(f"evaluate {system}", functools.partial(parquet_rows, folder), n_queries, "requests"):
                 results.write_parquet(str(folder), min_rows_per_file=cfg.eval.concurrency * 4)
             logger.info("evaluate: %s done", system)
         rows = pq.read_table(tmp / "results").to_pylist()
@@ -78,10 +80,12 @@ def evaluate(cfg: PipelineConfig, base_url: str, *, overwrite: bool = False,
         metrics = system_metrics(rows)
         agree = agreement(rows, "student", "teacher")
         labels = list(task.labels)
-        matrices = {s: confusion(rows, s, labels) for s in cfg.eval.systems}
-        by_label = {s: accuracy_by_label(rows, s, labels) for s in cfg.eval.systems}
-        latencies = {s: [r["latency_s"] for r in rows if r["system"] == s and not r["error"] and r["latency_s"] is not None]
-                     for s in cfg.eval.systems}
+        # keyed by system name as write_report takes them (str, not the config's Literal)
+        matrices: dict[str, np.ndarray] = {s: confusion(rows, s, labels) for s in cfg.eval.systems}
+        by_label: dict[str, dict[str, float | None]] = {s: accuracy_by_label(rows, s, labels) for s in cfg.eval.systems}
+        latencies: dict[str, list[float]] = {
+            s: [r["latency_s"] for r in rows if r["system"] == s and not r["error"] and r["latency_s"] is not None]
+            for s in cfg.eval.systems}
         comparison = compare(rows, metrics, labels)
         gains = payoff(metrics, comparison)
         write_report(tmp, metrics, agree, matrices, labels, stage_times, by_label, latencies, comparison, gains)

@@ -262,8 +262,11 @@ def write_report(folder: Path, metrics: dict[str, dict[str, Any]], agreement: fl
         "accuracy by label": plot_accuracy_by_label(by_label, labels, folder / "accuracy_by_label.png"),
         "latency": plot_latency(latencies, folder / "latency.png"),
     }
-    compared = comparison is not None and payoff is not None and {"teacher", "student"} <= metrics.keys()
-    sections = comparison_sections(metrics, comparison, payoff) if compared else []
+    sections: list[Section] = []
+    block: tuple[str, list[str]] | None = None  # the payoff block: title, bullets
+    if comparison is not None and payoff is not None and {"teacher", "student"} <= metrics.keys():
+        sections = comparison_sections(metrics, comparison, payoff)
+        block = payoff_lines(metrics, comparison, payoff)
     md = ["# raydistill evaluation", "", summary_table(metrics, agreement, comparison, payoff), ""]
     for title, header, rows in sections:
         md += [f"## {title}", "", *_md_table(header, rows), ""]
@@ -282,8 +285,8 @@ def write_report(folder: Path, metrics: dict[str, dict[str, Any]], agreement: fl
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>raydistill evaluation</title>"
              f"<style>{style}</style></head><body><h1>raydistill evaluation</h1>",
              _html_table(COLUMNS, summary_rows(metrics))]
-    if compared:
-        title, bullets = payoff_lines(metrics, comparison, payoff)
+    if block is not None:
+        title, bullets = block
         parts.append(f"<h2>{html.escape(title)}</h2><ul>" + "".join(f"<li>{html.escape(b)}</li>" for b in bullets)
                      + "</ul>")
         for title, header, rows in sections:

@@ -150,7 +150,7 @@ def _generate_into(cfg: PipelineConfig, out: ResumableOutput, task: TaskSpec, mo
     # written as it goes, little work lost to a crash) instead of waiting for a whole read block.
     processor = build_processor(processor_config(cfg.teacher, model_path))
     samples = processor(requests).map_batches(
-        parse_outputs,
+        parse_outputs,  # type: ignore[arg-type]  # Ray's UDF type has no keyword-only params; fn_kwargs fills them
         fn_kwargs={"task": task, "teacher_model": cfg.teacher.model, "top_k": cfg.teacher.logprobs},
         batch_format="numpy",
         num_cpus=0.25,

@@ -88,6 +88,7 @@ def parse_outputs(batch: dict[str, np.ndarray], *, task: TaskSpec, teacher_model
     for i in range(n):
         error = errors[i]
         response = None if error else str(batch["generated_text"][i])
+        reason: str | None
         if error:
             label, valid, reason = None, False, REJECT_ENGINE
         else:
