@@ -107,7 +107,8 @@ class ModelServer:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        return self.engine.generate(TokensPrompt(prompt_token_ids=ids), SamplingParams(**params, output_kind=kind),
+        prompt = TokensPrompt(prompt_token_ids=ids)  # type: ignore[typeddict-item]  # vLLM types its optional keys as required
+        return self.engine.generate(prompt, SamplingParams(**params, output_kind=kind),
                                     uuid.uuid4().hex)
 
     @staticmethod
@@ -270,7 +271,7 @@ def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfi
             choices = plan.params.get("n", 1) * (1 if chat else len(plan.prompts or []))
 
             async def events() -> AsyncIterator[str]:
-                tokens, offsets = 0, defaultdict(int)
+                tokens, offsets = 0, defaultdict[int, int](int)
                 try:
                     if chat:  # OpenAI's first chunk of each choice names the role; ours also carries the prefix
                         for index in range(choices):
@@ -297,8 +298,8 @@ def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfi
             return refuse(message, "server_error", status)
 
     quiet = {"enable_access_log": False}  # one log line per request would drown the pipeline's output
-    server = serve.deployment(ModelServer, max_ongoing_requests=serve_cfg.max_ongoing_requests, logging_config=quiet,
-                              **replica_options(serve_cfg))
+    server = serve.deployment(max_ongoing_requests=serve_cfg.max_ongoing_requests, logging_config=quiet,
+                              **replica_options(serve_cfg))(ModelServer)
     handles = {}
     for name, path in model_paths.items():
         tp = serve_cfg.teacher_tensor_parallel_size if name == "teacher" else serve_cfg.student_tensor_parallel_size
@@ -308,8 +309,8 @@ def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfi
             options = {"num_cpus": 1, "runtime_env": {"env_vars": CPU_ENGINE_ENV}}
         deployment = server.options(name=f"model-{name}", ray_actor_options=options)
         handles[name] = deployment.bind(path, serve_cfg.model_dump(), tp)
-    router = serve.deployment(Router, name="router", max_ongoing_requests=max(100, 4 * serve_cfg.max_ongoing_requests),
-                              ray_actor_options={"num_cpus": 0}, logging_config=quiet)
+    router = serve.deployment(name="router", max_ongoing_requests=max(100, 4 * serve_cfg.max_ongoing_requests),
+                              ray_actor_options={"num_cpus": 0}, logging_config=quiet)(Router)
     return router.bind(handles)
 
 
