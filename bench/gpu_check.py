@@ -1,7 +1,7 @@
 """GPU checks of the student training loop (bf16, DeepSpeed ZeRO), for a machine without Ray.
 
 The CPU test suite runs the whole training stage for real, but only in fp32 on CPU. This script
-runs the same per-step code (``student.loop.train_step``: collate → answer-only loss →
+runs the same per-step code (``student.step.train_step``: collate → answer-only loss →
 DeepSpeed backward/step), the same model builder and DeepSpeed config, and the same export, on
 one GPU in bf16, next to a plain transformers + PEFT bf16 loop on the same batches:
 
@@ -28,9 +28,12 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from raydistill.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -43,14 +46,15 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
 MODES = ["plain", "ds0", "ds2", "ds3", "ds2-fp32", "kl", "export-lora3", "export-full3"]
 
 
-def train_settings(zero_stage: int, dtype: str, method: str = "lora", kl_weight: float = 0.0) -> dict[str, Any]:
+def train_settings(zero_stage: int, dtype: str, method: str = "lora", kl_weight: float = 0.0,
+                   learning_rate: float = 2e-4) -> TrainConfig:
     from raydistill.config import TrainConfig
 
     return TrainConfig(
         method=method, zero_stage=zero_stage, dtype=dtype, use_gpu=True, batch_size_per_worker=32,
-        lora_rank=32, lora_alpha=64, lora_target_modules=["all-linear"], learning_rate=2e-4, warmup_ratio=0.0,
+        lora_rank=32, lora_alpha=64, lora_target_modules=["all-linear"], learning_rate=learning_rate, warmup_ratio=0.0,
         target="response" if kl_weight else "label", kl_weight=kl_weight,
-    ).model_dump()
+    )
 
 
 def make_model(tokenizer_dir: Path, out: Path, shape: dict[str, int]) -> None:
@@ -153,9 +157,9 @@ def run_plain(model_dir: Path, data: list[dict], pad_id: int, warmup: int) -> di
     s = train_settings(0, "bf16")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device())
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=s["lora_rank"], lora_alpha=s["lora_alpha"], target_modules="all-linear",
+    model = get_peft_model(model, LoraConfig(r=s.lora_rank, lora_alpha=s.lora_alpha, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s["learning_rate"])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.learning_rate)
 
     def step(batch: dict) -> tuple[float, int]:
         arrays = {k: torch.from_numpy(v).to(device()) for k, v in collate(batch, pad_id).items()}
@@ -169,26 +173,25 @@ def run_plain(model_dir: Path, data: list[dict], pad_id: int, warmup: int) -> di
     return timed(step, data, warmup)
 
 
-def init_engine(model_dir: Path, train: dict[str, Any]) -> Any:
+def init_engine(model_dir: Path, train: TrainConfig) -> Any:
     """The training stage's own engine builder, on a one-rank process group instead of Ray's."""
-    import deepspeed
     import torch
 
-    from raydistill.student.loop import build_engine
+    from raydistill.student.engine import build_engine, skip_shm_comm_build
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
     if device() == "cuda":
         torch.cuda.set_device(0)
     torch.distributed.init_process_group("nccl" if device() == "cuda" else "gloo")
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # as in the loop: no JIT build
+    skip_shm_comm_build()  # as in the loop: no JIT build
     return build_engine(str(model_dir), train, total_steps=1000)[0]
 
 
-def run_deepspeed(model_dir: Path, data: list[dict], pad_id: int, warmup: int, train: dict[str, Any]) -> dict[str, Any]:
-    from raydistill.student.loop import train_step
+def run_deepspeed(model_dir: Path, data: list[dict], pad_id: int, warmup: int, train: TrainConfig) -> dict[str, Any]:
+    from raydistill.student.step import train_step
 
     engine = init_engine(model_dir, train)
-    return timed(lambda batch: train_step(engine, batch, pad_id, train["kl_weight"]), data, warmup)
+    return timed(lambda batch: train_step(engine, batch, pad_id, train.kl_weight), data, warmup)
 
 
 def run_export(model_dir: Path, data: list[dict], pad_id: int, method: str, work: Path) -> dict[str, Any]:
@@ -198,14 +201,14 @@ def run_export(model_dir: Path, data: list[dict], pad_id: int, method: str, work
     from transformers import AutoModelForCausalLM
 
     from raydistill.student.examples import collate
-    from raydistill.student.loop import export, train_step
+    from raydistill.student.export import export
+    from raydistill.student.step import train_step
 
-    train = train_settings(3, "bf16", method=method)
-    train["learning_rate"] = 1e-3 if method == "lora" else 1e-4
+    train = train_settings(3, "bf16", method=method, learning_rate=1e-3 if method == "lora" else 1e-4)
     engine = init_engine(model_dir, train)
     result = timed(lambda batch: train_step(engine, batch, pad_id, 0.0), data, 2)
     export_dir = work / f"export-{method}"
-    export(engine, {"train": train, "export_dir": str(export_dir), "model_path": str(model_dir)}, rank=0)
+    export(engine, train, str(model_dir), export_dir, rank=0)
     probe = {k: torch.from_numpy(v).to(device()) for k, v in collate(data[0], pad_id).items()}
     engine.eval()
     with torch.no_grad():

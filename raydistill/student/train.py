@@ -29,6 +29,7 @@ from raydistill.runtime import init_ray
 from raydistill.schema import SAMPLES, parquet_files, require_columns
 from raydistill.student.examples import build_examples_batch
 from raydistill.student.loop import MLFLOW_EXPERIMENT, train_loop_per_worker
+from raydistill.student.loop_config import LoopConfig
 from raydistill.tasks.task import task_for
 
 logger = logging.getLogger(__name__)
@@ -200,21 +201,15 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
         ", gradient checkpointing" if cfg.train.gradient_checkpointing else "",
     )
     with staged_output(out_dir) as tmp:
-        loop_config = {
-            "train": cfg.train.model_dump(),
-            "model_path": model_path,
-            "total_steps": plan["total_steps"],
-            "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            "export_dir": str(tmp),
-            "metrics_path": str(tmp / "metrics.jsonl"),
-            "has_val": n_val > 0,
-            "mlflow_tracking_uri": tracking_uri,
-            "run_dir": str(run_dir),
-        }
+        loop_config = LoopConfig(
+            train=cfg.train, model_path=model_path, total_steps=plan["total_steps"],
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            export_dir=tmp, has_val=n_val > 0, mlflow_tracking_uri=tracking_uri, run_dir=run_dir,
+        )
         resources = {"CPU": cfg.train.cpus_per_worker}
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config=loop_config,
+            train_loop_config=loop_config.to_ray(),
             scaling_config=ScalingConfig(
                 num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
             ),

@@ -13,18 +13,17 @@ import numpy as np
 import torch
 
 from raydistill.config import TrainConfig
-from raydistill.student.loop import build_engine, train_step
+from raydistill.student.engine import build_engine, skip_shm_comm_build
+from raydistill.student.step import train_step
 
 
 def main(model_path: str, stage: int, store: str) -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")  # DeepSpeed reads these
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    import deepspeed
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    skip_shm_comm_build()
     torch.manual_seed(0)
     train = TrainConfig(method="full", zero_stage=stage, batch_size_per_worker=2, learning_rate=1e-3,
-                        warmup_ratio=0.0).model_dump()
+                        warmup_ratio=0.0)
     engine, _ = build_engine(model_path, train, total_steps=100)
     rng = np.random.default_rng(0)
     ids = [rng.integers(10, 1000, size=n).astype(np.int64) for n in (14, 11)]

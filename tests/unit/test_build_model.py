@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from raydistill.config import TrainConfig
+from raydistill.student.engine import build_model
 from raydistill.student.examples import IGNORE_INDEX
-from raydistill.student.loop import build_model
 from raydistill.student.loss import answer_only_loss
 
 
 def loss_grads_and_mlp_calls(model_path: str, **train) -> tuple[float, dict[str, torch.Tensor], int]:
     torch.manual_seed(0)
-    model = build_model(model_path, TrainConfig(zero_stage=0, lora_dropout=0.0, **train).model_dump())
+    model = build_model(model_path, TrainConfig(zero_stage=0, lora_dropout=0.0, **train))
     calls = []
     # a pre-hook: torch stops a recompute once it has the tensors backward needs, so post-hooks may not run
     model.get_decoder().layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
@@ -43,12 +43,12 @@ def test_gradient_checkpointing_recomputes_and_keeps_the_gradients(tiny_model, m
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_every_layer_is_in_train_mode(tiny_model, method):
     # from_pretrained leaves the layers in eval mode; the loop never calls .train() itself
-    model = build_model(tiny_model, TrainConfig(method=method, zero_stage=0).model_dump())
+    model = build_model(tiny_model, TrainConfig(method=method, zero_stage=0))
     assert all(m.training for m in model.modules())
 
 
 def test_lora_dropout_is_active(tiny_model):
-    model = build_model(tiny_model, TrainConfig(method="lora", lora_dropout=0.5, zero_stage=0).model_dump())
+    model = build_model(tiny_model, TrainConfig(method="lora", lora_dropout=0.5, zero_stage=0))
     ids = torch.randint(10, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[:, 8:] = ids[:, 8:]
@@ -69,7 +69,7 @@ def test_moe_blocks_become_zero3_leaf_modules():
     from deepspeed.utils import z3_leaf_module
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from raydistill.student.loop import mark_moe_leaves, moe_block_classes
+    from raydistill.student.engine import mark_moe_leaves, moe_block_classes
 
     config = Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,

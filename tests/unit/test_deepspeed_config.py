@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from raydistill.config import TrainConfig
-from raydistill.student.loop import deepspeed_config, lr_schedule
+from raydistill.student.engine import deepspeed_config, lr_schedule
 
 
 def settings(**overrides):
-    return TrainConfig(**overrides).model_dump()
+    return TrainConfig(**overrides)
 
 
 def test_zero3_buffers_scale_with_the_model_and_stay_far_below_deepspeeds_defaults():

@@ -1,0 +1,37 @@
+"""What the driver hands every Ray Train worker: the train section plus what it resolved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from raydistill.config import TrainConfig
+
+
+class LoopConfig(BaseModel):
+    """The one config of ``train_loop_per_worker``, built by ``student.train``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    train: TrainConfig = Field(description="The run's train section.")
+    model_path: str = Field(description="Local folder of the student's starting weights (resolved by the driver).")
+    total_steps: int = Field(ge=1, description="Optimizer steps to take (the driver's plan).")
+    pad_token_id: int = Field(description="Token id that right-pads a micro-batch (the tokenizer's pad, else its EOS).")
+    export_dir: Path = Field(description="The staged student folder: adapter/, merged/, metrics.jsonl, train_summary.json.")
+    has_val: bool = Field(description="Whether a validation split ('val' dataset) exists for the eval loss.")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow store when train.tracking=mlflow.")
+    run_dir: Path = Field(description="The run folder (tagged on the MLflow run).")
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.export_dir / "metrics.jsonl"
+
+    def to_ray(self) -> dict[str, Any]:
+        """Ray Train takes ``train_loop_config`` as a dict: plain JSON values, read back by ``from_ray``."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_ray(cls, config: dict[str, Any]) -> LoopConfig:
+        return cls.model_validate(config)

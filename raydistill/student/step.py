@@ -1,0 +1,78 @@
+"""One optimizer step through a DeepSpeed engine (its micro-batches' forward and backward, the
+update), and the validation loss. Free of Ray, so GPU checks run them as they are."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from raydistill.student.examples import IGNORE_INDEX, collate
+
+
+def to_device(arrays: dict[str, np.ndarray], device: Any) -> dict[str, Any]:
+    import torch
+
+    return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+
+
+def answer_tokens(batch: dict[str, np.ndarray]) -> int:
+    """The tokens the loss averages over: positions whose next token is an answer token."""
+    return int(sum((np.asarray(labels[1:]) != IGNORE_INDEX).sum() for labels in batch["labels"]))
+
+
+def accumulation_weights(micro_batches: list[dict[str, np.ndarray]]) -> list[float]:
+    """Loss weights that make one accumulated step a mean over all of its answer tokens.
+
+    Each micro-batch's loss is a mean over its own answer tokens, and DeepSpeed divides every
+    micro-batch's loss by the accumulation steps k (``engine.backward``, ``scale_wrt_gas``), so
+    alone each micro-batch would count 1/k however many tokens it has. Weighting micro-batch i
+    by k·nᵢ/N (nᵢ of the step's N answer tokens) turns (1/k)·Σ meanᵢ into Σ (nᵢ/N)·meanᵢ, the
+    token mean over the whole step. With k = 1 the weight is exactly 1."""
+    counts = [answer_tokens(batch) for batch in micro_batches]
+    total = sum(counts)
+    if total == 0:
+        return [1.0] * len(counts)
+    return [len(counts) * n / total for n in counts]
+
+
+def train_step(engine: Any, batch: dict[str, np.ndarray], pad_id: int, kl_weight: float,
+               weight: float = 1.0) -> tuple[float, int]:
+    """One micro-batch: forward, backward of ``weight`` times its loss, and the optimizer step
+    (DeepSpeed applies it only at gradient-accumulation boundaries). Returns the (unweighted)
+    loss and the number of real (unpadded) tokens."""
+    from raydistill.student.loss import answer_only_loss  # torch: not imported by the driver
+
+    arrays = collate(batch, pad_id)
+    loss = answer_only_loss(engine.module, **to_device(arrays, engine.device), kl_weight=kl_weight)
+    engine.backward(loss * weight)
+    engine.step()
+    return float(loss.detach()), int(arrays["attention_mask"].sum())
+
+
+def optimizer_step(engine: Any, micro_batches: list[dict[str, np.ndarray]], pad_id: int,
+                   kl_weight: float) -> list[tuple[float, int]]:
+    """All micro-batches of one optimizer step, their losses weighted by answer tokens; returns
+    each micro-batch's loss and real tokens."""
+    weights = accumulation_weights(micro_batches)
+    return [train_step(engine, batch, pad_id, kl_weight, w) for batch, w in zip(micro_batches, weights)]
+
+
+def evaluate_loss(engine: Any, shard: Any, batch_size: int, pad_id: int, kl_weight: float) -> float | None:
+    """Mean answer-token loss over the validation split, summed across workers."""
+    import torch
+    import torch.distributed as dist
+
+    from raydistill.student.loss import answer_only_loss
+
+    total = torch.zeros(2, dtype=torch.float64)
+    engine.eval()
+    with torch.no_grad():
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            inputs = to_device(collate(batch, pad_id), engine.device)
+            loss = answer_only_loss(engine.module, **inputs, kl_weight=kl_weight)
+            total += torch.tensor([float(loss) * len(batch["input_ids"]), len(batch["input_ids"])], dtype=torch.float64)
+    engine.train()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return float(total[0] / total[1]) if total[1] > 0 else None
