@@ -43,6 +43,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from ray import serve
 
 from raydistill.config import ServeConfig
 from raydistill.engine import CPU_ENGINE_ENV, engine_args
@@ -60,7 +61,7 @@ from raydistill.serve.openai_api import (
     sse,
     validation_message,
 )
-from raydistill.serve.routing import EngineRequest, RequestError, plan_completion, plan_request, routes_for
+from raydistill.serve.routing import EngineRequest, RequestError, Route, plan_completion, plan_request, routes_for
 from raydistill.tasks.task import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -175,128 +176,136 @@ class ModelServer:
         return True
 
 
+api = FastAPI(title="raydistill")  # the routes are declared on Router below
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    where = ".".join(str(p) for p in first["loc"] if p != "body")
+    return JSONResponse(error_body(f"invalid request: {where}: {first['msg']}", "invalid_request_error", 400), 400)
+
+
+def refuse(message: str, kind: str = "invalid_request_error", status: int = 400) -> JSONResponse:
+    """An OpenAI error response."""
+    return JSONResponse(error_body(message, kind, status), status)
+
+
+async def parse(request: Request, model: type[SamplingFields]) -> Any:
+    """The validated request, or the 400 response to send instead."""
+    try:
+        payload = await request.json()
+    except ValueError:
+        return refuse("request body is not valid JSON")
+    if not isinstance(payload, dict):
+        return refuse("request body must be a JSON object")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        return refuse(validation_message(exc))
+
+
+@serve.ingress(api)
+class Router:
+    """The ingress: parses and validates OpenAI requests, plans them (``routing``, pure), calls
+    the engine's deployment and shapes its answer (``openai_api``, pure), streamed or whole."""
+
+    def __init__(self, handles: dict[str, Any], routes: dict[str, Route], task: TaskSpec):
+        self.handles, self.routes, self.task = handles, routes, task
+
+    @api.get("/health")
+    async def health(self) -> dict[str, str]:
+        for handle in self.handles.values():
+            await handle.health.remote()
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return models_body(sorted(self.routes))
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request) -> Response:
+        req = await parse(request, ChatCompletionRequest)
+        if isinstance(req, Response):
+            return req
+        try:
+            plan = plan_request(req, self.routes, self.task)
+        except RequestError as exc:
+            return refuse(str(exc), exc.kind, exc.status)
+        return await self.answer(req, plan, chat=True)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        req = await parse(request, CompletionRequest)
+        if isinstance(req, Response):
+            return req
+        try:
+            plan = plan_completion(req, self.routes)
+        except RequestError as exc:
+            return refuse(str(exc), exc.kind, exc.status)
+        return await self.answer(req, plan, chat=False)
+
+    async def answer(self, req: Any, plan: EngineRequest, *, chat: bool) -> Response:
+        if req.stream:
+            return await self.stream(req, plan, chat=chat)
+        try:
+            out = await self.handles[plan.engine].generate.remote(plan)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the client gets one clean line
+            return self.failed(exc, req.model)
+        if "error" in out:
+            return refuse(out["error"], out["kind"])
+        with_logprobs = plan.params.get("logprobs") is not None
+        if not chat:
+            return JSONResponse(completion_body(req.model, out["choices"], out["prompt_tokens"], with_logprobs=with_logprobs))
+        for choice in out["choices"]:  # the forced prefix is part of the answer (its tokens count as prompt tokens)
+            choice["text"] = plan.answer_prefix + choice["text"]
+        return JSONResponse(chat_completion_body(req.model, out["choices"], out["prompt_tokens"], with_logprobs=with_logprobs))
+
+    async def stream(self, req: Any, plan: EngineRequest, *, chat: bool) -> Response:
+        deltas = self.handles[plan.engine].options(stream=True).generate_stream.remote(plan)
+        try:
+            head = await deltas.__anext__()  # errors found before generation still get a status code
+        except Exception as exc:  # noqa: BLE001
+            return self.failed(exc, req.model)
+        if "error" in head:
+            return refuse(head["error"], head["kind"])
+        writer = ChunkWriter(req.model, chat)
+        choices = plan.params.get("n", 1) * (1 if chat else len(plan.prompts or []))
+
+        async def events() -> AsyncIterator[str]:
+            tokens, offsets = 0, defaultdict[int, int](int)
+            try:
+                if chat:  # OpenAI's first chunk of each choice names the role; ours also carries the prefix
+                    for index in range(choices):
+                        yield sse(writer.delta(index, plan.answer_prefix, role=True))
+                async for d in deltas:
+                    tokens += d["completion_tokens"]
+                    yield sse(writer.delta(d["index"], d["text"], d["finish_reason"], logprobs=d["logprobs"],
+                                           text_offset=offsets[d["index"]]))
+                    offsets[d["index"]] += len(d["text"])
+                if req.include_usage():
+                    yield sse(writer.usage(head["prompt_tokens"], tokens))
+            except Exception as exc:  # noqa: BLE001 - headers are sent: the error goes in the stream
+                status, message = engine_failure(exc, req.model)
+                logger.exception("stream from %s failed", req.model)
+                yield sse(error_body(message, "server_error", status))
+            yield sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @staticmethod
+    def failed(exc: BaseException, model: str) -> JSONResponse:
+        status, message = engine_failure(exc, model)
+        logger.exception("request to %s failed", model)  # the traceback stays in the server log
+        return refuse(message, "server_error", status)
+
+
+
 def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfig, *, student_prefix: bool = False,
               base_engine: str | None = "teacher") -> Any:
     """The Serve application: one ModelServer per engine in ``model_paths`` (``teacher``,
     ``student``, ``base``) and a router; ``base_engine`` as in ``routes_for``."""
     routes = routes_for("student" in model_paths, task, student_prefix, base_engine)
-    from ray import serve
-
-    api = FastAPI(title="raydistill")
-
-    @api.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(p) for p in first["loc"] if p != "body")
-        return JSONResponse(error_body(f"invalid request: {where}: {first['msg']}", "invalid_request_error", 400), 400)
-
-    def refuse(message: str, kind: str = "invalid_request_error", status: int = 400) -> JSONResponse:
-        return JSONResponse(error_body(message, kind, status), status)
-
-    async def parse(request: Request, model: type[SamplingFields]) -> Any:
-        """The validated request, or the 400 response to send instead."""
-        try:
-            payload = await request.json()
-        except ValueError:
-            return refuse("request body is not valid JSON")
-        if not isinstance(payload, dict):
-            return refuse("request body must be a JSON object")
-        try:
-            return model.model_validate(payload)
-        except ValidationError as exc:
-            return refuse(validation_message(exc))
-
-    @serve.ingress(api)
-    class Router:
-        def __init__(self, handles: dict[str, Any]):
-            self.handles = handles
-
-        @api.get("/health")
-        async def health(self) -> dict[str, str]:
-            for handle in self.handles.values():
-                await handle.health.remote()
-            return {"status": "ok"}
-
-        @api.get("/v1/models")
-        async def models(self) -> dict[str, Any]:
-            return models_body(sorted(routes))
-
-        @api.post("/v1/chat/completions")
-        async def chat(self, request: Request) -> Response:
-            req = await parse(request, ChatCompletionRequest)
-            if isinstance(req, Response):
-                return req
-            try:
-                plan = plan_request(req, routes, task)
-            except RequestError as exc:
-                return refuse(str(exc), exc.kind, exc.status)
-            return await self.answer(req, plan, chat=True)
-
-        @api.post("/v1/completions")
-        async def completions(self, request: Request) -> Response:
-            req = await parse(request, CompletionRequest)
-            if isinstance(req, Response):
-                return req
-            try:
-                plan = plan_completion(req, routes)
-            except RequestError as exc:
-                return refuse(str(exc), exc.kind, exc.status)
-            return await self.answer(req, plan, chat=False)
-
-        async def answer(self, req: Any, plan: EngineRequest, *, chat: bool) -> Response:
-            if req.stream:
-                return await self.stream(req, plan, chat=chat)
-            try:
-                out = await self.handles[plan.engine].generate.remote(plan)
-            except Exception as exc:  # noqa: BLE001 - whatever failed, the client gets one clean line
-                return self.failed(exc, req.model)
-            if "error" in out:
-                return refuse(out["error"], out["kind"])
-            with_logprobs = plan.params.get("logprobs") is not None
-            if not chat:
-                return JSONResponse(completion_body(req.model, out["choices"], out["prompt_tokens"], with_logprobs=with_logprobs))
-            for choice in out["choices"]:  # the forced prefix is part of the answer (its tokens count as prompt tokens)
-                choice["text"] = plan.answer_prefix + choice["text"]
-            return JSONResponse(chat_completion_body(req.model, out["choices"], out["prompt_tokens"], with_logprobs=with_logprobs))
-
-        async def stream(self, req: Any, plan: EngineRequest, *, chat: bool) -> Response:
-            deltas = self.handles[plan.engine].options(stream=True).generate_stream.remote(plan)
-            try:
-                head = await deltas.__anext__()  # errors found before generation still get a status code
-            except Exception as exc:  # noqa: BLE001
-                return self.failed(exc, req.model)
-            if "error" in head:
-                return refuse(head["error"], head["kind"])
-            writer = ChunkWriter(req.model, chat)
-            choices = plan.params.get("n", 1) * (1 if chat else len(plan.prompts or []))
-
-            async def events() -> AsyncIterator[str]:
-                tokens, offsets = 0, defaultdict[int, int](int)
-                try:
-                    if chat:  # OpenAI's first chunk of each choice names the role; ours also carries the prefix
-                        for index in range(choices):
-                            yield sse(writer.delta(index, plan.answer_prefix, role=True))
-                    async for d in deltas:
-                        tokens += d["completion_tokens"]
-                        yield sse(writer.delta(d["index"], d["text"], d["finish_reason"], logprobs=d["logprobs"],
-                                               text_offset=offsets[d["index"]]))
-                        offsets[d["index"]] += len(d["text"])
-                    if req.include_usage():
-                        yield sse(writer.usage(head["prompt_tokens"], tokens))
-                except Exception as exc:  # noqa: BLE001 - headers are sent: the error goes in the stream
-                    status, message = engine_failure(exc, req.model)
-                    logger.exception("stream from %s failed", req.model)
-                    yield sse(error_body(message, "server_error", status))
-                yield sse("[DONE]")
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-
-        @staticmethod
-        def failed(exc: BaseException, model: str) -> JSONResponse:
-            status, message = engine_failure(exc, model)
-            logger.exception("request to %s failed", model)  # the traceback stays in the server log
-            return refuse(message, "server_error", status)
-
     quiet = {"enable_access_log": False}  # one log line per request would drown the pipeline's output
     server = serve.deployment(max_ongoing_requests=serve_cfg.max_ongoing_requests, logging_config=quiet,
                               **replica_options(serve_cfg))(ModelServer)
@@ -311,7 +320,7 @@ def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfi
         handles[name] = deployment.bind(path, serve_cfg.model_dump(), tp)
     router = serve.deployment(name="router", max_ongoing_requests=max(100, 4 * serve_cfg.max_ongoing_requests),
                               ray_actor_options={"num_cpus": 0}, logging_config=quiet)(Router)
-    return router.bind(handles)
+    return router.bind(handles, routes, task)
 
 
 def engine_failure(exc: BaseException, model: str) -> tuple[int, str]:

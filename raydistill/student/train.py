@@ -147,6 +147,7 @@ def plan_steps(n_examples: int, cfg: PipelineConfig) -> dict[str, int]:
 
 
 def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """Fine-tune the student on the run's valid samples (Ray Train + DeepSpeed) into ``<run_dir>/student``."""
     started = time.time()
     run_dir = Path(cfg.run_dir).resolve()
     out_dir = run_dir / "student"
@@ -155,8 +156,7 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
         return out_dir
     check_output(out_dir, overwrite=overwrite, what="student directory")
     samples_dir = run_dir / "samples"
-    soft = cfg.train.kl_weight > 0
-    n_valid = check_samples(samples_dir, soft=soft)
+    n_valid = check_samples(samples_dir, soft=cfg.train.kl_weight > 0)
     task = task_for(cfg.task)
     model_path = resolve_model(cfg.train.student_model)
     check_student_model(model_path, cfg)
@@ -165,13 +165,43 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
         tracking_uri = cfg.train.mlflow_tracking_uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
         check_mlflow(tracking_uri)
     storage = train_storage(run_dir, overwrite=overwrite, resume=resume)
-    ray = init_ray(cfg.cluster)
-    from ray.data.expressions import col
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    init_ray(cfg.cluster)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    train_ds, val_ds, n_examples, n_val = example_datasets(cfg, samples_dir, model_path, task)
+    plan = plan_steps(n_examples - n_val, cfg)
+    log_plan(cfg, plan, n_valid, n_examples, n_val)
+    with staged_output(out_dir) as tmp:
+        loop_config = LoopConfig(
+            train=cfg.train, model_path=model_path, total_steps=plan["total_steps"],
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            export_dir=tmp, has_val=n_val > 0, mlflow_tracking_uri=tracking_uri, run_dir=run_dir,
+        )
+        trainer = make_trainer(cfg, loop_config, storage, train_ds, val_ds if n_val else None)
+        # rank 0 appends to metrics.jsonl as it goes (on a cluster, only when it shares this filesystem)
+        with Progress("train", lambda: last_step(tmp / "metrics.jsonl"), plan["total_steps"], "steps", every_s=30.0):
+            result = trainer.fit()
+        if result.error:
+            raise result.error
+        tokenizer.save_pretrained(tmp / "merged")
+        if cfg.train.method == "lora":
+            tokenizer.save_pretrained(tmp / "adapter")
+        counts = {**plan, **finished_counts(tmp), "valid_samples": n_valid, "validation_examples": n_val}
+        write_manifest(tmp, stage="train", config=cfg.model_dump(),
+                       inputs={"samples": str(samples_dir), "student_model": model_path, "task": task.name},
+                       counts=counts, started=started)
+    logger.info("train: wrote %s (loss %s -> %s, eval loss %s)", out_dir, counts["first_loss"], counts["last_loss"],
+                counts.get("final_eval_loss"))
+    return out_dir
+
+
+def example_datasets(cfg: PipelineConfig, samples_dir: Path, model_path: str, task: Any) -> tuple[Any, Any, int, int]:
+    """Valid samples → tokenized examples (Ray Data), split into train and held-out validation
+    by query id; with their counts. Refuses a run where no sample fits ``max_seq_len``."""
+    import ray
+    from ray.data.expressions import col
+
     examples = (
         ray.data.read_parquet(parquet_files(samples_dir))
         .filter(expr=col("valid") == True)  # noqa: E712 - an expression, not a Python comparison
@@ -179,7 +209,7 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
             ExampleBuilder,
             fn_constructor_kwargs={"model_path": model_path, "task": task, "target": cfg.train.target,
                                    "max_seq_len": cfg.train.max_seq_len, "val_fraction": cfg.train.val_fraction,
-                                   "soft": soft},
+                                   "soft": cfg.train.kl_weight > 0},
             compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=0.5,
             batch_size=256,
@@ -191,57 +221,48 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
     n_examples, n_val = examples.count(), val_ds.count()
     if n_examples == 0:
         raise DataError(f"no valid sample fits train.max_seq_len={cfg.train.max_seq_len} tokens; raise train.max_seq_len")
-    plan = plan_steps(n_examples - n_val, cfg)
+    return train_ds, val_ds, n_examples, n_val
+
+
+def log_plan(cfg: PipelineConfig, plan: dict[str, int], n_valid: int, n_examples: int, n_val: int) -> None:
+    t = cfg.train
     logger.info(
         "train: %d valid samples -> %d examples (%d dropped > max_seq_len=%d), %d held out for eval loss; "
         "effective batch %d; %d steps/epoch; %d steps total; %d workers, ZeRO-%d, %s, %s%s%s",
-        n_valid, n_examples, n_valid - n_examples, cfg.train.max_seq_len, n_val, plan["effective_batch"],
-        plan["steps_per_epoch"], plan["total_steps"], cfg.train.num_workers, cfg.train.zero_stage,
-        cfg.train.method, cfg.train.dtype, f", KL weight {cfg.train.kl_weight}" if soft else "",
-        ", gradient checkpointing" if cfg.train.gradient_checkpointing else "",
+        n_valid, n_examples, n_valid - n_examples, t.max_seq_len, n_val, plan["effective_batch"],
+        plan["steps_per_epoch"], plan["total_steps"], t.num_workers, t.zero_stage, t.method, t.dtype,
+        f", KL weight {t.kl_weight}" if t.kl_weight > 0 else "", ", gradient checkpointing" if t.gradient_checkpointing else "",
     )
-    with staged_output(out_dir) as tmp:
-        loop_config = LoopConfig(
-            train=cfg.train, model_path=model_path, total_steps=plan["total_steps"],
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            export_dir=tmp, has_val=n_val > 0, mlflow_tracking_uri=tracking_uri, run_dir=run_dir,
-        )
-        resources = {"CPU": cfg.train.cpus_per_worker}
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=loop_config.to_ray(),
-            scaling_config=ScalingConfig(
-                num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
-            ),
-            # Same name + storage on a re-run: Ray Train restores its checkpoint manager, so
-            # get_checkpoint() in the workers returns the last checkpoint of the killed run.
-            run_config=RunConfig(
-                name="train", storage_path=str(storage),
-                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            ),
-            datasets={"train": train_ds, "val": val_ds} if n_val else {"train": train_ds},
-        )
-        # rank 0 appends to metrics.jsonl as it goes (on a cluster, only when it shares this filesystem)
-        with Progress("train", lambda: last_step(tmp / "metrics.jsonl"), plan["total_steps"], "steps", every_s=30.0):
-            result = trainer.fit()
-        if result.error:
-            raise result.error
-        tokenizer.save_pretrained(tmp / "merged")
-        if cfg.train.method == "lora":
-            tokenizer.save_pretrained(tmp / "adapter")
-        summary = json.loads((tmp / "train_summary.json").read_text())
-        rows = [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines()]
-        losses = [r["loss"] for r in rows if r.get("loss") is not None]
-        plot_losses(rows, tmp / "loss_curve.png")
-        counts = {**plan, **summary, "valid_samples": n_valid, "validation_examples": n_val,
-                  "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
-        write_manifest(tmp, stage="train", config=cfg.model_dump(),
-                       inputs={"samples": str(samples_dir), "student_model": model_path, "task": task.name},
-                       counts=counts, started=started)
-    logger.info("train: wrote %s (loss %s -> %s, eval loss %s)", out_dir, counts["first_loss"], counts["last_loss"],
-                counts.get("final_eval_loss"))
-    return out_dir
+
+
+def make_trainer(cfg: PipelineConfig, loop_config: LoopConfig, storage: Path, train_ds: Any, val_ds: Any | None) -> Any:
+    """The Ray Train ``TorchTrainer`` running ``train_loop_per_worker`` on the datasets' shards."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config.to_ray(),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        # Same name + storage on a re-run: Ray Train restores its checkpoint manager, so
+        # get_checkpoint() in the workers returns the last checkpoint of the killed run.
+        run_config=RunConfig(
+            name="train", storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+        datasets={"train": train_ds, "val": val_ds} if val_ds is not None else {"train": train_ds},
+    )
+
+
+def finished_counts(out: Path) -> dict[str, Any]:
+    """What the workers wrote (summary, metrics), the loss plot, and first/last loss."""
+    summary = json.loads((out / "train_summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r.get("loss") is not None]
+    plot_losses(rows, out / "loss_curve.png")
+    return {**summary, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
 
 
 def plot_losses(rows: list[dict[str, Any]], path: Path) -> Path:
