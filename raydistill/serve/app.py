@@ -104,37 +104,50 @@ class ModelServer:
                                  "max_tokens", "kind": "context_length_exceeded"}
         return encoded
 
-    def _outputs(self, ids: list[int], params: dict[str, Any], kind: Any) -> AsyncIterator[Any]:
+    @staticmethod
+    def _sampling(params: dict[str, Any], kind: Any) -> Any:
+        """vLLM's SamplingParams, or an error value naming the combination it refuses."""
         from vllm import SamplingParams
+
+        try:
+            return SamplingParams(**params, output_kind=kind)
+        except ValueError as exc:  # e.g. a stop list or penalty vLLM rejects: the client's request, a 400
+            return {"error": f"invalid sampling parameters: {str(exc).splitlines()[0]}", "kind": "invalid_request_error"}
+
+    def _outputs(self, ids: list[int], sampling: Any) -> AsyncIterator[Any]:
         from vllm.inputs import TokensPrompt
 
         prompt = TokensPrompt(prompt_token_ids=ids)  # type: ignore[typeddict-item]  # vLLM types its optional keys as required
-        return self.engine.generate(prompt, SamplingParams(**params, output_kind=kind),
-                                    uuid.uuid4().hex)
+        return self.engine.generate(prompt, sampling, uuid.uuid4().hex)
 
     @staticmethod
-    def _choice(output: Any, index: int, k: int | None) -> dict[str, Any]:
-        return {"index": index, "text": output.text, "finish_reason": output.finish_reason,
-                "completion_tokens": len(output.token_ids),
-                "logprobs": engine_logprobs(output.token_ids, output.logprobs, k) if k is not None else None}
+    def _choices(output: Any, first: int, plan: EngineRequest) -> list[dict[str, Any]]:
+        """One engine completion as the choices it answers (``plan.copies`` of it), numbered from
+        ``first`` (the prompt's first choice index)."""
+        k = plan.params.get("logprobs")
+        logprobs = engine_logprobs(output.token_ids, output.logprobs, k) if k is not None else None
+        base = first + output.index * plan.copies
+        return [{"index": base + j, "text": output.text, "finish_reason": output.finish_reason,
+                 "completion_tokens": len(output.token_ids), "logprobs": logprobs} for j in range(plan.copies)]
 
     async def generate(self, plan: EngineRequest) -> dict[str, Any]:
         """Whole answers: ``{"choices": [...], "prompt_tokens"}`` or ``{"error", "kind"}``."""
         from vllm.sampling_params import RequestOutputKind
 
         encoded = self._encode(plan)
-        if isinstance(encoded, dict):
-            return encoded
+        sampling = self._sampling(plan.params, RequestOutputKind.FINAL_ONLY)
+        if isinstance(encoded, dict) or isinstance(sampling, dict):
+            return encoded if isinstance(encoded, dict) else sampling
 
         async def final(ids: list[int]) -> Any:
             last = None
-            async for out in self._outputs(ids, plan.params, RequestOutputKind.FINAL_ONLY):
+            async for out in self._outputs(ids, sampling):
                 last = out
             return last
 
-        n, k = plan.params.get("n", 1), plan.params.get("logprobs")
+        per_prompt = plan.params.get("n", 1) * plan.copies
         finals = await asyncio.gather(*(final(ids) for ids in encoded))
-        choices = [self._choice(o, p * n + o.index, k) for p, out in enumerate(finals) for o in out.outputs]
+        choices = [c for p, out in enumerate(finals) for o in out.outputs for c in self._choices(o, p * per_prompt, plan)]
         return {"choices": sorted(choices, key=lambda c: c["index"]), "prompt_tokens": sum(map(len, encoded))}
 
     async def generate_stream(self, plan: EngineRequest) -> AsyncIterator[dict[str, Any]]:
@@ -143,18 +156,20 @@ class ModelServer:
         from vllm.sampling_params import RequestOutputKind
 
         encoded = self._encode(plan)
-        if isinstance(encoded, dict):
-            yield encoded
+        sampling = self._sampling(plan.params, RequestOutputKind.DELTA)
+        if isinstance(encoded, dict) or isinstance(sampling, dict):
+            yield encoded if isinstance(encoded, dict) else sampling
             return
         yield {"prompt_tokens": sum(map(len, encoded))}
-        n, k = plan.params.get("n", 1), plan.params.get("logprobs")
+        per_prompt = plan.params.get("n", 1) * plan.copies
         queue: asyncio.Queue[dict[str, Any] | BaseException | None] = asyncio.Queue()
 
         async def pump(p: int, ids: list[int]) -> None:
             try:
-                async for out in self._outputs(ids, plan.params, RequestOutputKind.DELTA):
+                async for out in self._outputs(ids, sampling):
                     for o in out.outputs:
-                        await queue.put(self._choice(o, p * n + o.index, k))
+                        for choice in self._choices(o, p * per_prompt, plan):
+                            await queue.put(choice)
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
                 await queue.put(exc)
             finally:

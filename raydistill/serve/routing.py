@@ -59,6 +59,7 @@ class EngineRequest:
     prompts: list[str] | None = None
     answer_prefix: str = ""
     params: dict[str, Any] = field(default_factory=dict)
+    copies: int = 1  # each generation answers this many choices (greedy n > 1: identical choices)
 
 
 def _route(model: str, routes: dict[str, Route]) -> Route:
@@ -68,12 +69,16 @@ def _route(model: str, routes: dict[str, Route]) -> Route:
     return route
 
 
-def _sampling(req: SamplingFields, max_tokens: int, logprobs: int | None) -> dict[str, Any]:
-    params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p, "n": req.n}
+def _sampling(req: SamplingFields, max_tokens: int, logprobs: int | None) -> tuple[dict[str, Any], int]:
+    """vLLM sampling params, and how many choices each generation answers. Greedy decoding gives
+    n identical choices; vLLM refuses n > 1 when greedy, so it is generated once and copied."""
+    copies = req.n if req.temperature == 0 else 1
+    params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
+                              "n": req.n // copies}
     optional = {"stop": req.stop or None, "seed": req.seed, "logprobs": logprobs,
                 "presence_penalty": req.presence_penalty or None, "frequency_penalty": req.frequency_penalty or None}
     params.update({k: v for k, v in optional.items() if v is not None})
-    return params
+    return params, copies
 
 
 def plan_request(req: ChatCompletionRequest, routes: dict[str, Route], task: TaskSpec) -> EngineRequest:
@@ -94,8 +99,8 @@ def plan_request(req: ChatCompletionRequest, routes: dict[str, Route], task: Tas
         logprobs = req.num_logprobs()
     except ValueError as exc:
         raise RequestError(str(exc)) from None
-    params = _sampling(req, req.limit(DEFAULT_MAX_TOKENS), logprobs)
-    return EngineRequest(route.engine, messages=messages, answer_prefix=route.answer_prefix, params=params)
+    params, copies = _sampling(req, req.limit(DEFAULT_MAX_TOKENS), logprobs)
+    return EngineRequest(route.engine, messages=messages, answer_prefix=route.answer_prefix, params=params, copies=copies)
 
 
 def plan_completion(req: CompletionRequest, routes: dict[str, Route]) -> EngineRequest:
@@ -107,5 +112,5 @@ def plan_completion(req: CompletionRequest, routes: dict[str, Route]) -> EngineR
                            "conversation); use /v1/chat/completions")
     if not req.prompts():
         raise RequestError("prompt is an empty list; send at least one text")
-    params = _sampling(req, req.max_tokens or COMPLETIONS_MAX_TOKENS, req.logprobs)
-    return EngineRequest(route.engine, prompts=req.prompts(), params=params)
+    params, copies = _sampling(req, req.max_tokens or COMPLETIONS_MAX_TOKENS, req.logprobs)
+    return EngineRequest(route.engine, prompts=req.prompts(), params=params, copies=copies)

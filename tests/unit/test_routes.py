@@ -72,6 +72,14 @@ def test_sampling_params_follow_the_request_with_openais_defaults():
         plan_request(chat("base", ("user", "x"), top_logprobs=2), routes, TASK)
 
 
+def test_greedy_n_is_one_generation_answering_n_identical_choices():
+    routes = routes_for(True, TASK)
+    greedy = plan_request(chat("base", ("user", "x"), n=3, temperature=0), routes, TASK)
+    assert greedy.params["n"] == 1 and greedy.copies == 3  # vLLM refuses n > 1 when greedy
+    sampled = plan_request(chat("base", ("user", "x"), n=3, temperature=0.7), routes, TASK)
+    assert sampled.params["n"] == 3 and sampled.copies == 1
+
+
 def test_developer_role_and_text_parts_reach_the_student_as_a_plain_chat():
     routes = routes_for(True, TASK)
     req = ChatCompletionRequest.model_validate({"model": "student", "messages": [
