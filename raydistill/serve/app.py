@@ -190,7 +190,25 @@ class ModelServer:
         await self.engine.check_health()
         return True
 
+    async def check_health(self) -> None:
+        """Serve's replica health check: a dead engine raises, so Serve replaces the replica."""
+        await self.engine.check_health()
 
+
+def engine_failure(exc: BaseException, model: str) -> tuple[int, str]:
+    """HTTP status and a one-line message for a failed engine call, naming no Ray internals: a dead
+    replica or engine is 503 (Serve starts a new one; retry), anything else 500."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    dead = (RayActorError, ActorDiedError, ActorUnavailableError)
+    if isinstance(exc, dead) or "EngineDeadError" in type(exc).__name__ + repr(getattr(exc, "cause", None)):
+        return 503, f"model {model!r} is restarting after an engine failure; retry the request shortly"
+    return 500, f"model {model!r} failed to answer ({type(getattr(exc, 'cause', None) or exc).__name__}); see the server log"
+
+
+# Everything Router's methods use must be defined above it: @serve.ingress pickles the FastAPI
+# app, endpoints included, when the class is decorated, with the module's names as they are then
+# (a name defined further down is missing in the replica: NameError, found by the kill test).
 api = FastAPI(title="raydistill")  # the routes are declared on Router below
 
 
@@ -336,17 +354,6 @@ def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfi
     router = serve.deployment(name="router", max_ongoing_requests=max(100, 4 * serve_cfg.max_ongoing_requests),
                               ray_actor_options={"num_cpus": 0}, logging_config=quiet)(Router)
     return router.bind(handles, routes, task)
-
-
-def engine_failure(exc: BaseException, model: str) -> tuple[int, str]:
-    """HTTP status and a one-line message for a failed engine call, naming no Ray internals: a dead
-    replica or engine is 503 (Serve starts a new one; retry), anything else 500."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-
-    dead = (RayActorError, ActorDiedError, ActorUnavailableError)
-    if isinstance(exc, dead) or "EngineDeadError" in type(exc).__name__ + repr(getattr(exc, "cause", None)):
-        return 503, f"model {model!r} is restarting after an engine failure; retry the request shortly"
-    return 500, f"model {model!r} failed to answer ({type(getattr(exc, 'cause', None) or exc).__name__}); see the server log"
 
 
 def replica_options(serve_cfg: ServeConfig) -> dict[str, Any]:
