@@ -93,7 +93,7 @@ def batches(model_dir: Path, samples: Path, n_batches: int, batch_size: int, sof
             top_ids.append([[t, *rng.integers(0, tokenizer.vocab_size, 4).tolist()] for t in toks])
             top_lps.append([sorted(rng.normal(-3, 1, 5).tolist(), reverse=True) for _ in toks])
         rows.update(token_ids=_obj(ids), top_token_ids=_obj(top_ids), top_logprobs=_obj(top_lps))
-    examples = build_examples_batch(rows, tokenizer=tokenizer, task=load_task("langid"),
+    examples = build_examples_batch(rows, tokenizer=tokenizer, tasks={"langid": load_task("langid")},
                                     target="response" if soft else "label", max_seq_len=512, soft=soft)
     rng = np.random.default_rng(0)
     out: list[dict] = []

@@ -180,7 +180,7 @@ def main() -> None:
     from raydistill.serve.openai_api import ChatCompletionRequest
     from raydistill.serve.routing import plan_request, routes_for
     from raydistill.serve.stage import shutdown_serving, start_serving
-    from raydistill.tasks.task import task_for
+    from raydistill.tasks.pipeline_tasks import run_tasks
 
     base = resolve_model(MODEL)
     student = Path(args.student).resolve()
@@ -194,11 +194,12 @@ def main() -> None:
         "run_dir": str(work / "run"), "task": {"name": TASK},
         "queries": {"train_path": "builtin:langid-demo/train", "eval_path": "builtin:langid-demo/eval"},
         "teacher": {"model": MODEL}, "train": {"target": "response"}, "serve": serve_cfg, "cluster": {"num_cpus": 4}})
-    task = task_for(cfg.task)
-    routes = routes_for(True, task, student_prefix=True)
+    tasks = run_tasks(cfg)
+    task = tasks[0].spec
+    routes = routes_for(True, tasks, student_prefix=True)
 
     def plan_for(model: str, text: str):
-        return plan_request(ChatCompletionRequest.model_validate(body(model, text)), routes, task)
+        return plan_request(ChatCompletionRequest.model_validate(body(model, text)), routes)
 
     texts = Texts()
     results: dict[str, dict] = {}

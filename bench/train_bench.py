@@ -65,7 +65,7 @@ def write_samples(folder: Path) -> int:
     n = len(rows)
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({
-        "id": [r["id"] for r in rows], "query": [r["text"] for r in rows], "gold": [r["gold"] for r in rows],
+        "id": [r["id"] for r in rows], "task": [task.name] * n, "query": [r["text"] for r in rows], "gold": [r["gold"] for r in rows],
         "sample_index": [0] * n, "prompt_sha256": [task.prompt_sha256] * n, "teacher_model": ["gold"] * n,
         "response": [f" {task.labels[r['gold']]}." for r in rows], "label": [r["gold"] for r in rows],
         "valid": [True] * n, "reject_reason": [None] * n, "num_input_tokens": [0] * n, "num_output_tokens": [0] * n,

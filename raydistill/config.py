@@ -36,6 +36,9 @@ class TaskConfig(_Section):
     )
 
 
+TAG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,23}$"  # a model-name suffix (student/<tag>) and a few tokens of student input
+
+
 class QueriesConfig(_Section):
     """Where queries come from: a file, directory, glob or pyarrow-filesystem URI (s3://, gs://, file://), or ``builtin:<dataset>``."""
 
@@ -45,6 +48,30 @@ class QueriesConfig(_Section):
     id_column: str | None = Field("id", description="Column with a stable id; hashed from text if absent.")
     gold_column: str | None = Field("gold", description="Column with the reference label, if any.")
     dedup: bool = Field(False, description="Drop repeated query ids (a hash shuffle; ids are text hashes unless given).")
+
+
+class TaskEntry(_Section):
+    """One task of a multi-task pipeline: its target prompt and parser, its queries and its tag."""
+
+    tag: str = Field(..., pattern=TAG_PATTERN, description="Short name: the student sees '[tag] query' instead of "
+                     "the task's prompt, and clients ask for model 'student/<tag>' (lower case, digits, - and _).")
+    name: str = Field(..., description="Built-in task name, or a path to a task YAML file.")
+    student_system_prompt: str | None = Field(None, description="As task.student_system_prompt, for this task.")
+    queries: QueriesConfig
+    weight: float | None = Field(None, gt=0.0, description="Share of training examples (relative to the other tasks' "
+                                 "weights); default: proportional to the task's valid samples.")
+
+
+def check_tags(tags: list[str]) -> None:
+    """Tags name models and lead the student's input, so each must be unique and none may begin another."""
+    for i, a in enumerate(tags):
+        for b in tags[i + 1 :]:
+            if a == b:
+                raise ValueError(f"tasks: tag {a!r} is used twice; give every task its own tag")
+            if a.startswith(b) or b.startswith(a):
+                short, long = sorted((a, b), key=len)
+                raise ValueError(f"tasks: tag {short!r} is a prefix of {long!r}, so the student could confuse them; "
+                                 "rename one")
 
 
 class TeacherConfig(_Section):
@@ -73,7 +100,7 @@ class TeacherConfig(_Section):
     kv_cache_gib: float = Field(1.0, gt=0.0, description="KV cache size on CPU (ignored on GPU).")
     enforce_eager: bool = Field(False, description="Skip torch.compile / CUDA graphs: faster start, slower decode.")
     rows_per_file: int = Field(10_000, ge=1, description="Rows per Parquet file; also the unit of work a crash can lose.")
-    max_rows: int | None = Field(None, ge=1, description="Label at most this many queries (smoke runs).")
+    max_rows: int | None = Field(None, ge=1, description="Label at most this many queries, per task (smoke runs).")
 
     @model_validator(mode="after")
     def _check_pool(self) -> TeacherConfig:
@@ -197,7 +224,7 @@ class EvalConfig(_Section):
     concurrency: int = Field(16, ge=1, description="Concurrent in-flight requests per client actor.")
     max_tokens: int = Field(16, ge=1, description="Most tokens per answer in evaluation requests.")
     request_timeout_s: float = Field(120.0, gt=0.0, description="Seconds before a request counts as an error.")
-    max_rows: int | None = Field(None, ge=1, description="Send at most this many eval queries.")
+    max_rows: int | None = Field(None, ge=1, description="Send at most this many eval queries, per task.")
 
 
 class ClusterConfig(_Section):
@@ -212,7 +239,10 @@ class PipelineConfig(_Section):
 
     run_dir: str = Field(..., description="Directory all stages write into.")
     task: TaskConfig = TaskConfig()
-    queries: QueriesConfig
+    queries: QueriesConfig | None = Field(None, description="The task's queries (single-task configs; else tasks[].queries).")
+    tasks: list[TaskEntry] | None = Field(
+        None, min_length=1, description="Several tasks distilled into one student, each with its own prompt, queries "
+        "and tag (instead of task + queries).")
     teacher: TeacherConfig = TeacherConfig()
     train: TrainConfig = TrainConfig()
     serve: ServeConfig = ServeConfig()
@@ -221,6 +251,15 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> PipelineConfig:
+        if self.tasks is None and self.queries is None:
+            raise ValueError("missing required key 'queries' (or 'tasks' for several tasks); add it to the config")
+        if self.tasks is not None:
+            if self.queries is not None or "task" in self.model_fields_set:
+                raise ValueError("give either task + queries (one task) or tasks (several), not both")
+            check_tags([t.tag for t in self.tasks])
+            if len({t.weight is None for t in self.tasks}) > 1:
+                raise ValueError("tasks: set weight on every task or on none (none: each task's share of training is "
+                                 "its share of the valid samples)")
         if self.teacher.accelerator == "cpu" and self.teacher.tensor_parallel_size > 1:
             raise ValueError("teacher.tensor_parallel_size > 1 needs teacher.accelerator=gpu")
         if self.train.kl_weight > 0 and self.teacher.logprobs == 0:
@@ -260,12 +299,28 @@ def closest_key(loc: tuple[str, ...]) -> str | None:
 
     model: type[BaseModel] = PipelineConfig
     for part in loc[:-1]:
+        if isinstance(part, int) or part.isdigit():  # tasks.0.queries: the list's item model is already in place
+            continue
         field = model.model_fields.get(part)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        section = _section_type(field.annotation) if field else None
+        if section is None:
             return None
-        model = field.annotation
+        model = section
     match = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
     return ".".join([*loc[:-1], match[0]]) if match else None
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The section model behind a field's type: ``X``, ``X | None`` or ``list[X]``."""
+    import typing
+
+    candidates = typing.get_args(annotation) or (annotation,)
+    for arg in candidates:
+        inner = typing.get_args(arg) or (arg,)
+        for item in inner:
+            if isinstance(item, type) and issubclass(item, BaseModel):
+                return item
+    return None
 
 
 def render_config(cfg: BaseModel, indent: int = 0) -> str:
@@ -277,6 +332,12 @@ def render_config(cfg: BaseModel, indent: int = 0) -> str:
         if isinstance(value, BaseModel):
             doc = field.description or (type(value).__doc__ or "").strip().splitlines()[0]
             lines += [f"{pad}{name}:  # {doc}", render_config(value, indent + 1)]
+            continue
+        if isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            lines.append(f"{pad}{name}:  # {field.description}")
+            for item in value:  # each item rendered as a section, the first key behind the list dash
+                body = render_config(item, indent + 2).splitlines()
+                lines += [f"{pad}  - {body[0].lstrip()}", *body[1:]]
             continue
         dumped = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10**6).strip()
         dumped = dumped.removesuffix("\n...").removesuffix("...").strip()

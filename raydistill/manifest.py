@@ -47,7 +47,7 @@ def git_revision() -> str | None:
     return rev.stdout.strip() or None if rev.returncode == 0 else None
 
 
-def write_manifest(folder: str | Path, *, stage: str, config: dict[str, Any], inputs: dict[str, str],
+def write_manifest(folder: str | Path, *, stage: str, config: dict[str, Any], inputs: dict[str, Any],
                    counts: dict[str, Any], started: float, extra: dict[str, Any] | None = None) -> Path:
     """Write ``folder/_manifest.json`` atomically and return its path."""
     folder = Path(folder)

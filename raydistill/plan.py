@@ -17,9 +17,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from raydistill.config import PipelineConfig
+from raydistill.config import PipelineConfig, QueriesConfig
 from raydistill.errors import ConfigError
 from raydistill.progress import duration
+from raydistill.tasks.pipeline_tasks import run_tasks
+from raydistill.tasks.task import TaskSpec
 
 logger = logging.getLogger(__name__)
 
@@ -117,12 +119,19 @@ def cluster_resources() -> tuple[dict[str, float], list[dict[str, float]]] | Non
 
 
 def sample_queries(cfg: PipelineConfig) -> tuple[list[str], int, bool]:
-    """Up to ``SAMPLE_QUERIES`` query texts, the number of queries and whether that number is exact
-    (Parquet footers and ``teacher.max_rows`` are; line-based files are estimated from their size)."""
+    """Up to ``SAMPLE_QUERIES`` query texts per task, the number of queries (all tasks) and whether
+    that number is exact (Parquet footers and ``teacher.max_rows`` are; line-based files are
+    estimated from their size)."""
+    per_task = [sample_task_queries(t.queries, cfg.teacher.max_rows) for t in run_tasks(cfg)]
+    return [t for texts, _, _ in per_task for t in texts], sum(c for _, c, _ in per_task), all(e for _, _, e in per_task)
+
+
+def sample_task_queries(queries: QueriesConfig, max_rows: int | None) -> tuple[list[str], int, bool]:
+    """``sample_queries`` for one task's train queries."""
     from raydistill.data.sources import resolve_source
 
-    source = resolve_source(cfg.queries.train_path)
-    column = cfg.queries.text_column
+    source = resolve_source(queries.train_path)
+    column = queries.text_column
     fs = source.filesystem
     sizes = [info.size or 0 for info in fs.get_file_info(list(source.files))]
     if source.format == "parquet":
@@ -147,18 +156,16 @@ def sample_queries(cfg: PipelineConfig) -> tuple[list[str], int, bool]:
             texts = lines
         mean_bytes = sum(len(ln.encode()) + 1 for ln in lines) / max(1, len(lines))
         count, exact = int(sum(sizes) / max(1.0, mean_bytes)), False
-    if cfg.teacher.max_rows and cfg.teacher.max_rows <= count:
-        count, exact = cfg.teacher.max_rows, True
+    if max_rows and max_rows <= count:
+        count, exact = max_rows, True
     return texts, count, exact
 
 
-def token_counts(cfg: PipelineConfig, texts: list[str]) -> tuple[float, float, str]:
+def token_counts(cfg: PipelineConfig, task: TaskSpec, texts: list[str]) -> tuple[float, float, str]:
     """Mean input tokens per request for the teacher (prompt + query) and the student (bare query),
     with the model's own tokenizer and chat template when it is available here."""
     from raydistill.render import render_prompt
-    from raydistill.tasks.task import task_for
 
-    task = task_for(cfg.task)
     teacher: list[float]  # token counts (ints) from the tokenizer, or estimates
     student: list[float]
     try:
@@ -188,10 +195,17 @@ def make_plan(cfg: PipelineConfig, cluster: tuple[dict[str, float], list[dict[st
     """Demands, work and time for ``cfg``; with ``cluster``, the shortfalls that would stall it.
     ``queries``: plan for that many train queries instead of the source's count (sizing)."""
     plan = Plan(demands(cfg))
-    texts, count, exact = sample_queries(cfg)
+    tasks = run_tasks(cfg)
+    per_task = [sample_task_queries(t.queries, cfg.teacher.max_rows) for t in tasks]
+    count, exact = sum(c for _, c, _ in per_task), all(e for _, _, e in per_task)
+    tokens = [token_counts(cfg, t.spec, texts) for t, (texts, _, _) in zip(tasks, per_task)]
+    # per request, averaged over the tasks in proportion to their queries
+    weights = [max(c, 1) for _, c, _ in per_task]
+    teacher_tokens = sum(w * tok[0] for w, tok in zip(weights, tokens)) / sum(weights)
+    student_tokens = sum(w * tok[1] for w, tok in zip(weights, tokens)) / sum(weights)
+    how = tokens[0][2]
     if queries is not None:
         count, exact = queries, True
-    teacher_tokens, student_tokens, how = token_counts(cfg, texts)
     samples = count * cfg.teacher.samples_per_query
     plan.work = {
         "queries": count, "queries_exact": exact, "samples": samples,
@@ -271,7 +285,8 @@ def local_model_config(model: str) -> Any:
 
 def render(plan: Plan, cfg: PipelineConfig, connected: bool) -> str:
     """The plan as the terminal shows it."""
-    lines = [f"plan for run_dir {cfg.run_dir} (task {cfg.task.name})", "", "what each stage asks of Ray:"]
+    names = ", ".join(t.key for t in run_tasks(cfg))
+    lines = [f"plan for run_dir {cfg.run_dir} (task {names})", "", "what each stage asks of Ray:"]
     for d in plan.demands:
         per = ", ".join(f"{_fmt(v)} {k}" for k, v in d.per_actor.items())
         total = ", ".join(f"{_fmt(v)} {k}" for k, v in d.total().items())

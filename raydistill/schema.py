@@ -25,6 +25,7 @@ QUERIES = pa.schema(
 SAMPLES = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),
+        pa.field("task", pa.string()),  # the task's tag (several tasks) or name (one)
         pa.field("query", pa.string(), nullable=False),
         pa.field("gold", pa.string()),
         pa.field("sample_index", pa.int32(), nullable=False),
@@ -49,6 +50,7 @@ SAMPLES = pa.schema(
 EVAL_RESULTS = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),
+        pa.field("task", pa.string()),
         pa.field("query", pa.string(), nullable=False),
         pa.field("gold", pa.string()),
         pa.field("system", pa.string(), nullable=False),

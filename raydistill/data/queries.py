@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from raydistill.config import QueriesConfig
-from raydistill.data.sources import Source
+from raydistill.data.sources import Source, check_columns, resolve_source
 from raydistill.errors import DataError
 from raydistill.ids import text_id
 from raydistill.schema import QUERIES
@@ -20,6 +20,7 @@ from raydistill.schema import QUERIES
 if TYPE_CHECKING:
     import ray.data
 
+    from raydistill.tasks.pipeline_tasks import RunTask
 
 
 def normalize_batch(
@@ -84,3 +85,44 @@ def read_queries(source: Source, cfg: QueriesConfig) -> ray.data.Dataset:
 def first_of_group(group: pa.Table) -> pa.Table:
     """Keep the first row of a group of rows that share one id."""
     return group.slice(0, 1)
+
+
+def with_task(batch: pa.Table, *, key: str, id_prefix: str) -> pa.Table:
+    """QUERIES rows of one task → the same rows with a ``task`` column (and, with several tasks,
+    ids namespaced by the task's tag, since two tasks may ask about the same texts)."""
+    ids = batch.column("id")
+    if id_prefix:
+        ids = pa.array([id_prefix + i for i in ids.to_pylist()], type=pa.string())
+    return batch.set_column(batch.schema.get_field_index("id"), "id", ids).append_column(
+        "task", pa.array([key] * batch.num_rows, type=pa.string()))
+
+
+def task_sources(tasks: list[RunTask], split: str) -> list[Source]:
+    """Each task's query source for ``split`` ('train' or 'eval'), resolved and checked before any
+    work starts; an error names the task."""
+    sources = []
+    for task in tasks:
+        path = task.queries.train_path if split == "train" else task.queries.eval_path
+        try:
+            source = resolve_source(path)
+            check_columns(source, task.queries.text_column)
+        except DataError as exc:
+            if not task.tagged:
+                raise
+            raise DataError(f"task {task.key!r}: {exc}") from None
+        sources.append(source)
+    return sources
+
+
+def read_task_queries(tasks: list[RunTask], sources: list[Source], max_rows: int | None = None) -> ray.data.Dataset:
+    """All tasks' queries as one lazy dataset with a ``task`` column; ``max_rows`` per task."""
+    parts = []
+    for task, source in zip(tasks, sources):
+        ds = read_queries(source, task.queries)
+        if max_rows:
+            ds = ds.limit(max_rows)
+        parts.append(ds.map_batches(
+            with_task,  # type: ignore[arg-type]  # keyword-only params, filled by fn_kwargs
+            batch_format="pyarrow",
+            fn_kwargs={"key": task.key, "id_prefix": f"{task.key}/" if task.tagged else ""}))
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

@@ -15,10 +15,11 @@ from raydistill.tasks.task import TaskSpec
 
 def expand_systems(batch: dict[str, np.ndarray], systems: list[str]) -> dict[str, list[Any]]:
     """One query row → one row per system under evaluation (pure)."""
-    out: dict[str, list[Any]] = {"id": [], "query": [], "gold": [], "system": []}
-    for qid, text, gold in zip(batch["id"], batch["text"], batch["gold"]):
+    out: dict[str, list[Any]] = {"id": [], "task": [], "query": [], "gold": [], "system": []}
+    for qid, key, text, gold in zip(batch["id"], batch["task"], batch["text"], batch["gold"]):
         for system in systems:
             out["id"].append(str(qid))
+            out["task"].append(str(key))
             out["query"].append(str(text))
             out["gold"].append(None if gold is None else str(gold))
             out["system"].append(system)
@@ -34,14 +35,15 @@ def request_body(system: str, query: str, max_tokens: int) -> dict[str, Any]:
 class ChatClient:
     """Sends a batch of rows with bounded concurrency; failures become rows with ``error`` set."""
 
-    def __init__(self, base_url: str, task: TaskSpec, max_tokens: int, concurrency: int, timeout_s: float):
+    def __init__(self, base_url: str, tasks: dict[str, TaskSpec], tagged: bool, max_tokens: int, concurrency: int,
+                 timeout_s: float):
         import requests
 
         self.session = requests.Session()
         adapter = requests.adapters.HTTPAdapter(pool_connections=concurrency, pool_maxsize=concurrency)
         self.session.mount("http://", adapter)
         self.url = base_url.rstrip("/") + "/v1/chat/completions"
-        self.task, self.max_tokens, self.timeout_s = task, max_tokens, timeout_s
+        self.tasks, self.tagged, self.max_tokens, self.timeout_s = tasks, tagged, max_tokens, timeout_s
         self.pool = ThreadPoolExecutor(max_workers=concurrency)
 
     def _one(self, system: str, query: str) -> dict[str, Any]:
@@ -60,12 +62,15 @@ class ChatClient:
                 "num_input_tokens": usage.get("prompt_tokens"), "num_output_tokens": usage.get("completion_tokens")}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        results = list(self.pool.map(self._one, batch["system"], batch["query"]))
+        # several tasks: each is its own model name ("student/<tag>"), the tag added server-side
+        models = [f"{s}/{k}" if self.tagged else str(s) for s, k in zip(batch["system"], batch["task"])]
+        results = list(self.pool.map(self._one, models, batch["query"]))
         rows = []
         for i, res in enumerate(results):
-            parsed = self.task.parse(res.get("answer")) if not res.get("error") else None
+            task = self.tasks[str(batch["task"][i])]
+            parsed = task.parse(res.get("answer")) if not res.get("error") else None
             rows.append({
-                "id": str(batch["id"][i]), "query": str(batch["query"][i]),
+                "id": str(batch["id"][i]), "task": str(batch["task"][i]), "query": str(batch["query"][i]),
                 "gold": None if batch["gold"][i] is None else str(batch["gold"][i]),
                 "system": str(batch["system"][i]), "answer": res.get("answer"),
                 "label": parsed.label if parsed else None, "valid": bool(parsed and parsed.valid),

@@ -304,3 +304,49 @@ def write_report(folder: Path, metrics: dict[str, dict[str, Any]], agreement: fl
     path = folder / "report.html"
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+TASK_COLUMNS = ("task", "queries", "teacher accuracy", "student accuracy", "agreement [95% CI]", "teacher parse rate",
+                "student parse rate", "input tokens teacher → student")
+
+
+def task_rows(per_task: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """One row per task of a multi-task run: its accuracy, agreement and tokens, teacher vs student."""
+    rows = []
+    for key, part in per_task.items():
+        teacher, student = part["systems"].get("teacher", {}), part["systems"].get("student", {})
+        comparison = part["student_vs_teacher"]
+        tokens = f"{_fmt(teacher.get('mean_input_tokens'), digits=0)} → {_fmt(student.get('mean_input_tokens'), digits=0)}"
+        ratio = part["payoff"].get("input_tokens_teacher_over_student")
+        rows.append([key, str(max((m["requests"] for m in part["systems"].values()), default=0)),
+                     _fmt(teacher.get("accuracy"), pct=True), _fmt(student.get("accuracy"), pct=True),
+                     f"{_fmt(comparison['agreement'], pct=True)} {_ci(comparison['agreement_ci95'])}",
+                     _fmt(teacher.get("parse_rate"), pct=True), _fmt(student.get("parse_rate"), pct=True),
+                     f"{tokens} ({_times(ratio)})"])
+    return rows
+
+
+def task_table(per_task: dict[str, dict[str, Any]]) -> str:
+    """The per-task table as markdown (the terminal prints it after the overall table)."""
+    return "\n".join(["Per task:", *_md_table(TASK_COLUMNS, task_rows(per_task))])
+
+
+def write_task_index(folder: Path, summary: dict[str, Any], stage_times: dict[str, float] | None) -> Path:
+    """A multi-task run's top report: the overall table, the per-task table and links to each
+    task's own full report (``tasks/<tag>/report.html``)."""
+    tasks = summary["tasks"]
+    md = ["# raydistill evaluation (several tasks)", "",
+          summary_table(summary["systems"], summary["student_teacher_agreement"], summary["student_vs_teacher"],
+                        summary["payoff"]), "", "## Per task", "", *_md_table(TASK_COLUMNS, task_rows(tasks)), "",
+          *(f"- [{key}](tasks/{key}/report.md)" for key in tasks), ""]
+    if stage_times:
+        md += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+        md += [f"| {k} | {v:.1f} |" for k, v in stage_times.items()] + [""]
+    (folder / "report.md").write_text("\n".join(md), encoding="utf-8")
+    links = "".join(f'<li><a href="tasks/{html.escape(k)}/report.html">{html.escape(k)}</a></li>' for k in tasks)
+    parts = ["<!doctype html><html lang=en><head><meta charset=utf-8><title>raydistill evaluation</title></head><body>",
+             "<h1>raydistill evaluation (several tasks)</h1>", _html_table(COLUMNS, summary_rows(summary["systems"])),
+             "<h2>Per task</h2>", _html_table(TASK_COLUMNS, task_rows(tasks)), f"<ul>{links}</ul></body></html>"]
+    path = folder / "report.html"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path

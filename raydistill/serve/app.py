@@ -62,7 +62,7 @@ from raydistill.serve.openai_api import (
     validation_message,
 )
 from raydistill.serve.routing import EngineRequest, RequestError, Route, plan_completion, plan_request, routes_for
-from raydistill.tasks.task import TaskSpec
+from raydistill.tasks.pipeline_tasks import RunTask
 
 logger = logging.getLogger(__name__)
 
@@ -243,8 +243,8 @@ class Router:
     """The ingress: parses and validates OpenAI requests, plans them (``routing``, pure), calls
     the engine's deployment and shapes its answer (``openai_api``, pure), streamed or whole."""
 
-    def __init__(self, handles: dict[str, Any], routes: dict[str, Route], task: TaskSpec):
-        self.handles, self.routes, self.task = handles, routes, task
+    def __init__(self, handles: dict[str, Any], routes: dict[str, Route]):
+        self.handles, self.routes = handles, routes
 
     @api.get("/health")
     async def health(self) -> dict[str, str]:
@@ -262,7 +262,7 @@ class Router:
         if isinstance(req, Response):
             return req
         try:
-            plan = plan_request(req, self.routes, self.task)
+            plan = plan_request(req, self.routes)
         except RequestError as exc:
             return refuse(str(exc), exc.kind, exc.status)
         return await self.answer(req, plan, chat=True)
@@ -334,11 +334,12 @@ class Router:
 
 
 
-def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfig, *, student_prefix: bool = False,
+def build_app(model_paths: dict[str, str], tasks: list[RunTask], serve_cfg: ServeConfig, *, student_prefix: bool = False,
               base_engine: str | None = "teacher") -> Any:
     """The Serve application: one ModelServer per engine in ``model_paths`` (``teacher``,
-    ``student``, ``base``) and a router; ``base_engine`` as in ``routes_for``."""
-    routes = routes_for("student" in model_paths, task, student_prefix, base_engine)
+    ``student``, ``base``) and a router; every task is a model name on those engines;
+    ``base_engine`` as in ``routes_for``."""
+    routes = routes_for("student" in model_paths, tasks, student_prefix, base_engine)
     quiet = {"enable_access_log": False}  # one log line per request would drown the pipeline's output
     server = serve.deployment(max_ongoing_requests=serve_cfg.max_ongoing_requests, logging_config=quiet,
                               **replica_options(serve_cfg))(ModelServer)
@@ -353,7 +354,7 @@ def build_app(model_paths: dict[str, str], task: TaskSpec, serve_cfg: ServeConfi
         handles[name] = deployment.bind(path, serve_cfg.model_dump(), tp)
     router = serve.deployment(name="router", max_ongoing_requests=max(100, 4 * serve_cfg.max_ongoing_requests),
                               ray_actor_options={"num_cpus": 0}, logging_config=quiet)(Router)
-    return router.bind(handles, routes, task)
+    return router.bind(handles, routes)
 
 
 def replica_options(serve_cfg: ServeConfig) -> dict[str, Any]:

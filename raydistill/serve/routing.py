@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raydistill.serve.openai_api import ChatCompletionRequest, CompletionRequest, SamplingFields
+from raydistill.tasks.pipeline_tasks import RunTask
 from raydistill.tasks.task import TaskSpec
 
 DEFAULT_MAX_TOKENS = 64  # chat answers when the client sets no limit (OpenAI: up to the context)
@@ -16,27 +17,33 @@ COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 @dataclass(frozen=True)
 class Route:
-    """A public model name: which engine answers it, whether the target prompt is injected, and
-    the text its answer is forced to start with (prefilled, and returned as part of the answer)."""
+    """A public model name: which engine answers it, for which task (its prompt, tag and student
+    system message), whether the target prompt is injected, and the text its answer is forced to
+    start with (prefilled, and returned as part of the answer)."""
 
     engine: str
+    task: TaskSpec
     inject_prompt: bool
     answer_prefix: str = ""
 
 
-def routes_for(has_student: bool, task: TaskSpec, student_prefix: bool = False,
+def routes_for(has_student: bool, tasks: list[RunTask], student_prefix: bool = False,
                base_engine: str | None = "teacher") -> dict[str, Route]:
-    """Public model names → engines.
+    """Public model names → engines: ``teacher``, ``student`` and ``base``, or with several
+    tasks ``teacher/<tag>`` etc., one name per task on the same engines.
 
     ``student_prefix``: the student was trained to start its answers with the task's prefix.
     ``base_engine``: the engine of the student's starting model, ``teacher`` when the student
     was initialised from the teacher's weights (one engine serves both names), ``base`` for an
     engine of its own, None when it is not served."""
-    routes = {"teacher": Route("teacher", True, task.assistant_prefix)}
-    if base_engine is not None:
-        routes["base"] = Route(base_engine, False)
-    if has_student:
-        routes["student"] = Route("student", False, task.assistant_prefix if student_prefix else "")
+    routes = {}
+    for t in tasks:
+        spec = t.spec
+        routes[t.model_name("teacher")] = Route("teacher", spec, True, spec.assistant_prefix)
+        if base_engine is not None:  # the starting model, asked as the student is (bare query, tag)
+            routes[t.model_name("base")] = Route(base_engine, spec, False)
+        if has_student:
+            routes[t.model_name("student")] = Route("student", spec, False, spec.assistant_prefix if student_prefix else "")
     return routes
 
 
@@ -81,13 +88,14 @@ def _sampling(req: SamplingFields, max_tokens: int, logprobs: int | None) -> tup
     return params, copies
 
 
-def plan_request(req: ChatCompletionRequest, routes: dict[str, Route], task: TaskSpec) -> EngineRequest:
+def plan_request(req: ChatCompletionRequest, routes: dict[str, Route]) -> EngineRequest:
     """What the engine behind ``req.model`` is asked to do for a chat request.
 
     The student and ``base`` see the client's chat as the student was trained on it (the task's
-    student system message added unless the client sent one); the teacher sees the target prompt
-    around the last user message, so clients send identical traffic to every model."""
+    tag and student system message added); the teacher sees the task's target prompt around the
+    last user message, so clients send identical traffic to every model."""
     route = _route(req.model, routes)
+    task = route.task
     if route.inject_prompt:
         try:
             messages = task.teacher_messages(req.last_user_text())

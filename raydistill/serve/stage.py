@@ -16,7 +16,7 @@ from raydistill.errors import DataError
 from raydistill.models import resolve_model
 from raydistill.runtime import init_ray
 from raydistill.serve.app import build_app, start
-from raydistill.tasks.task import task_for
+from raydistill.tasks.pipeline_tasks import run_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def trained_target(cfg: PipelineConfig) -> str:
 def application(cfg: PipelineConfig, *, require_student: bool = True, with_base: bool = True) -> Any:
     """The Serve application for a run: teacher (+ student when trained, + the student's starting
     model as ``base`` when it is not the teacher's and ``with_base``). Builds, starts nothing."""
-    task = task_for(cfg.task)
+    tasks = run_tasks(cfg)
     paths = {"teacher": resolve_model(cfg.teacher.model)}
     base = resolve_model(cfg.train.student_model)
     base_engine: str | None = "teacher"  # the teacher's engine also answers as `base`
@@ -51,7 +51,7 @@ def application(cfg: PipelineConfig, *, require_student: bool = True, with_base:
     elif require_student:
         raise DataError(f"no trained student at {str(merged)!r}; run `raydistill train` first")
     prefix = cfg.serve.student_answer_prefix and "student" in paths and trained_target(cfg) == "response"
-    return build_app(paths, task, cfg.serve, student_prefix=prefix, base_engine=base_engine)
+    return build_app(paths, tasks, cfg.serve, student_prefix=prefix, base_engine=base_engine)
 
 
 def start_serving(cfg: PipelineConfig, *, require_student: bool = True, with_base: bool = True) -> str:

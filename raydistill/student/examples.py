@@ -9,6 +9,7 @@ import numpy as np
 
 from raydistill.ids import hash_bucket
 from raydistill.render import render_completion, render_prompt
+from raydistill.tasks.pipeline_tasks import repeats
 from raydistill.tasks.task import TaskSpec
 
 IGNORE_INDEX = -100
@@ -68,13 +69,19 @@ def build_soft_example(
 
 
 def build_examples_batch(
-    batch: dict[str, np.ndarray], *, tokenizer: Any, task: TaskSpec, target: str, max_seq_len: int,
-    val_fraction: float = 0.0, soft: bool = False,
+    batch: dict[str, np.ndarray], *, tokenizer: Any, tasks: dict[str, TaskSpec], target: str, max_seq_len: int,
+    val_fraction: float = 0.0, soft: bool = False, factors: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Samples rows → example rows (``val`` marks the held-out split); rows too long for
-    ``max_seq_len`` are dropped. With ``soft``, the teacher's top-k logprobs come along."""
-    cols: dict[str, list[Any]] = {k: [] for k in ("id", "input_ids", "labels", "val", "soft_pos", "soft_ids", "soft_logprobs")}
-    for i, (qid, query, label, response) in enumerate(zip(batch["id"], batch["query"], batch["label"], batch["response"])):
+    """Samples rows → example rows (``val`` marks the held-out split), each in its own task's
+    student format; rows too long for ``max_seq_len`` are dropped. With ``soft``, the teacher's
+    top-k logprobs come along. ``factors`` (task → copies, see ``pipeline_tasks.task_factors``)
+    re-weights the tasks in the training split; the validation split is left as it is."""
+    cols: dict[str, list[Any]] = {k: [] for k in ("id", "task", "input_ids", "labels", "val", "soft_pos", "soft_ids", "soft_logprobs")}
+    keys = batch["task"] if "task" in batch else [None] * len(batch["id"])
+    for i, (qid, key, query, label, response) in enumerate(
+            zip(batch["id"], keys, batch["query"], batch["label"], batch["response"])):
+        key = str(key) if key is not None else next(iter(tasks))  # samples of one task, written before tasks existed
+        task = tasks[key]
         messages = task.student_messages(str(query))
         if soft:
             example = build_soft_example(tokenizer, messages, task.assistant_prefix, list(batch["token_ids"][i]),
@@ -84,18 +91,27 @@ def build_examples_batch(
             example = build_example(tokenizer, messages, answer, max_seq_len)
         if example is None:
             continue
-        cols["id"].append(qid)
-        cols["input_ids"].append(np.asarray(example["input_ids"], dtype=np.int64))
-        cols["labels"].append(np.asarray(example["labels"], dtype=np.int64))
-        cols["val"].append(is_validation(str(qid), val_fraction))
-        if soft:
-            for key in ("soft_pos", "soft_ids", "soft_logprobs"):
-                cols[key].append(example[key])
-    out = {"id": np.asarray(cols["id"], dtype=object), "input_ids": _ragged(cols["input_ids"]),
-           "labels": _ragged(cols["labels"]), "val": np.asarray(cols["val"], dtype=bool)}
+        val = is_validation(str(qid), val_fraction)
+        copies = 1 if val or not factors else repeats(factors[key], f"{qid}\t{_sample_index(batch, i)}")
+        for _ in range(copies):
+            cols["id"].append(qid)
+            cols["task"].append(key)
+            cols["input_ids"].append(np.asarray(example["input_ids"], dtype=np.int64))
+            cols["labels"].append(np.asarray(example["labels"], dtype=np.int64))
+            cols["val"].append(val)
+            if soft:
+                for name in ("soft_pos", "soft_ids", "soft_logprobs"):
+                    cols[name].append(example[name])
+    out = {"id": np.asarray(cols["id"], dtype=object), "task": np.asarray(cols["task"], dtype=object),
+           "input_ids": _ragged(cols["input_ids"]), "labels": _ragged(cols["labels"]),
+           "val": np.asarray(cols["val"], dtype=bool)}
     if soft:
         out.update({key: _ragged(cols[key]) for key in ("soft_pos", "soft_ids", "soft_logprobs")})
     return out
+
+
+def _sample_index(batch: dict[str, np.ndarray], i: int) -> int:
+    return int(batch["sample_index"][i]) if "sample_index" in batch else 0
 
 
 def _ragged(arrays: list[np.ndarray]) -> np.ndarray:

@@ -169,8 +169,9 @@ def end_of_step(w: Worker, epoch: int) -> None:
         return
     w.row = metrics_row(w, epoch)
     if evaluate_now:
-        w.row["eval_loss"] = evaluate_loss(w.engine, w.val_shard, train.batch_size_per_worker, w.cfg.pad_token_id,
-                                           train.kl_weight)
+        w.row["eval_loss"], per_task = evaluate_loss(w.engine, w.val_shard, train.batch_size_per_worker,
+                                                     w.cfg.pad_token_id, train.kl_weight, w.cfg.tasks)
+        w.row.update({f"eval_loss/{key}": loss for key, loss in per_task.items()})
     if w.rank == 0:
         log_row(w)
     if checkpoint_now:

@@ -23,6 +23,7 @@ class LoopConfig(BaseModel):
     has_val: bool = Field(description="Whether a validation split ('val' dataset) exists for the eval loss.")
     mlflow_tracking_uri: str | None = Field(None, description="MLflow store when train.tracking=mlflow.")
     run_dir: Path = Field(description="The run folder (tagged on the MLflow run).")
+    tasks: list[str] = Field(default_factory=list, description="Task keys; with several, the eval loss is also per task.")
 
     @property
     def metrics_path(self) -> Path:

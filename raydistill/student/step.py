@@ -58,21 +58,37 @@ def optimizer_step(engine: Any, micro_batches: list[dict[str, np.ndarray]], pad_
     return [train_step(engine, batch, pad_id, kl_weight, w) for batch, w in zip(micro_batches, weights)]
 
 
-def evaluate_loss(engine: Any, shard: Any, batch_size: int, pad_id: int, kl_weight: float) -> float | None:
-    """Mean answer-token loss over the validation split, summed across workers."""
+def evaluate_loss(engine: Any, shard: Any, batch_size: int, pad_id: int, kl_weight: float,
+                  tasks: list[str] | None = None) -> tuple[float | None, dict[str, float | None]]:
+    """Mean answer-token loss over the validation split, summed across workers; and, with
+    several ``tasks``, the same per task (each batch split by its ``task`` column)."""
     import torch
     import torch.distributed as dist
 
     from raydistill.student.loss import answer_only_loss
 
-    total = torch.zeros(2, dtype=torch.float64)
+    keys = tasks if tasks and len(tasks) > 1 else []
+    total = torch.zeros(2 * (1 + len(keys)), dtype=torch.float64)  # (loss x rows, rows): overall, then per task
     engine.eval()
     with torch.no_grad():
         for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            inputs = to_device(collate(batch, pad_id), engine.device)
-            loss = answer_only_loss(engine.module, **inputs, kl_weight=kl_weight)
-            total += torch.tensor([float(loss) * len(batch["input_ids"]), len(batch["input_ids"])], dtype=torch.float64)
+            groups = [(0, np.arange(len(batch["input_ids"])))] if not keys else [
+                (1 + j, np.flatnonzero(batch["task"] == key)) for j, key in enumerate(keys)]
+            for slot, rows in groups:
+                if len(rows) == 0:
+                    continue
+                part = {k: batch[k][rows] for k in ("input_ids", "labels", "soft_pos", "soft_ids", "soft_logprobs") if k in batch}
+                loss = float(answer_only_loss(engine.module, **to_device(collate(part, pad_id), engine.device), kl_weight=kl_weight))
+                total[2 * slot] += loss * len(rows)
+                total[2 * slot + 1] += len(rows)
+                if slot:  # a task's rows also count towards the overall loss
+                    total[0] += loss * len(rows)
+                    total[1] += len(rows)
     engine.train()
     if dist.is_initialized():
         dist.all_reduce(total)
-    return float(total[0] / total[1]) if total[1] > 0 else None
+
+    def mean(slot: int) -> float | None:
+        return float(total[2 * slot] / total[2 * slot + 1]) if total[2 * slot + 1] > 0 else None
+
+    return mean(0), {key: mean(1 + j) for j, key in enumerate(keys)}

@@ -30,7 +30,7 @@ from raydistill.schema import SAMPLES, parquet_files, require_columns
 from raydistill.student.examples import build_examples_batch
 from raydistill.student.loop import MLFLOW_EXPERIMENT, train_loop_per_worker
 from raydistill.student.loop_config import LoopConfig
-from raydistill.tasks.task import task_for
+from raydistill.tasks.pipeline_tasks import run_tasks, specs_by_key, task_factors
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +38,14 @@ logger = logging.getLogger(__name__)
 class ExampleBuilder:
     """Ray Data UDF: tokenizer loaded once per actor, examples built by the pure core."""
 
-    def __init__(self, model_path: str, task: Any, target: str, max_seq_len: int, val_fraction: float, soft: bool):
+    def __init__(self, model_path: str, tasks: dict[str, Any], target: str, max_seq_len: int, val_fraction: float,
+                 soft: bool, factors: dict[str, float] | None = None):
         from transformers import AutoTokenizer
 
         self.kwargs = {
             "tokenizer": AutoTokenizer.from_pretrained(model_path),
-            "task": task,
+            "tasks": tasks,
+            "factors": factors,
             "target": target,
             "max_seq_len": max_seq_len,
             "val_fraction": val_fraction,
@@ -54,20 +56,31 @@ class ExampleBuilder:
         return build_examples_batch(batch, **self.kwargs)
 
 
-def check_samples(samples_dir: Path, *, soft: bool = False) -> int:
-    """Fail early on a missing/foreign samples folder; return the number of valid rows."""
+def check_samples(samples_dir: Path, tasks: list[str], *, soft: bool = False) -> dict[str, int]:
+    """Fail early on a missing/foreign samples folder, or a task without valid rows; return the
+    number of valid rows per task."""
     if not samples_dir.is_dir() or not any(samples_dir.glob("*.parquet")):
         raise DataError(f"no teacher samples under {str(samples_dir)!r}; run `raydistill generate` first")
     schema = pq.read_schema(next(samples_dir.glob("*.parquet")))
     require_columns(schema.names, SAMPLES, f"samples in {str(samples_dir)!r}", "regenerate them with `raydistill generate`")
-    table = pq.read_table(parquet_files(samples_dir), columns=["valid", "token_ids"])
-    n_valid = int(pc.sum(table["valid"]).as_py() or 0)
-    if n_valid == 0:
+    table = pq.read_table(parquet_files(samples_dir), columns=["task", "valid", "token_ids"])
+    if int(pc.sum(table["valid"]).as_py() or 0) == 0:
         raise DataError(f"samples in {str(samples_dir)!r} hold no valid rows; check the teacher prompt/parser (see the generate manifest)")
     if soft and table["token_ids"].null_count == table.num_rows:
         raise DataError(f"samples in {str(samples_dir)!r} have no teacher logprobs for train.kl_weight; "
                         f"regenerate with teacher.logprobs=5 or set train.kl_weight=0")
-    return n_valid
+    if len(tasks) == 1:  # one task: every row is its (older samples have no task column values)
+        return {tasks[0]: int(pc.sum(table["valid"]).as_py() or 0)}
+    found = {r["task"]: r["valid_sum"] for r in table.group_by("task").aggregate([("valid", "sum")]).to_pylist()}
+    unknown = sorted(str(k) for k in set(found) - set(tasks))
+    if unknown:
+        raise DataError(f"samples in {str(samples_dir)!r} hold tasks {unknown} that the config does not list; "
+                        "regenerate with `raydistill generate --overwrite`")
+    empty = [k for k in tasks if not found.get(k)]
+    if empty:
+        raise DataError(f"task(s) {empty} have no valid teacher samples in {str(samples_dir)!r}; fix their prompt or "
+                        "parser (the generate summary lists the rejects) or remove them from tasks")
+    return {k: int(found[k]) for k in tasks}
 
 
 def check_student_model(model_path: str, cfg: PipelineConfig) -> None:
@@ -156,8 +169,10 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
         return out_dir
     check_output(out_dir, overwrite=overwrite, what="student directory")
     samples_dir = run_dir / "samples"
-    n_valid = check_samples(samples_dir, soft=cfg.train.kl_weight > 0)
-    task = task_for(cfg.task)
+    tasks = run_tasks(cfg)
+    valid = check_samples(samples_dir, [t.key for t in tasks], soft=cfg.train.kl_weight > 0)
+    n_valid = sum(valid.values())
+    factors = task_factors(valid, {t.key: t.weight for t in tasks})
     model_path = resolve_model(cfg.train.student_model)
     check_student_model(model_path, cfg)
     tracking_uri = None
@@ -169,7 +184,7 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    train_ds, val_ds, n_examples, n_val = example_datasets(cfg, samples_dir, model_path, task)
+    train_ds, val_ds, n_examples, n_val = example_datasets(cfg, samples_dir, model_path, specs_by_key(tasks), factors)
     plan = plan_steps(n_examples - n_val, cfg)
     log_plan(cfg, plan, n_valid, n_examples, n_val)
     with staged_output(out_dir) as tmp:
@@ -177,6 +192,7 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
             train=cfg.train, model_path=model_path, total_steps=plan["total_steps"],
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             export_dir=tmp, has_val=n_val > 0, mlflow_tracking_uri=tracking_uri, run_dir=run_dir,
+            tasks=[t.key for t in tasks],
         )
         trainer = make_trainer(cfg, loop_config, storage, train_ds, val_ds if n_val else None)
         # rank 0 appends to metrics.jsonl as it goes (on a cluster, only when it shares this filesystem)
@@ -188,15 +204,19 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
         if cfg.train.method == "lora":
             tokenizer.save_pretrained(tmp / "adapter")
         counts = {**plan, **finished_counts(tmp), "valid_samples": n_valid, "validation_examples": n_val}
+        if len(tasks) > 1:
+            counts["tasks"] = {t.key: {"valid_samples": valid[t.key], "factor": round(factors[t.key], 4)} for t in tasks}
         write_manifest(tmp, stage="train", config=cfg.model_dump(),
-                       inputs={"samples": str(samples_dir), "student_model": model_path, "task": task.name},
+                       inputs={"samples": str(samples_dir), "student_model": model_path,
+                               "tasks": {t.key: t.spec.name for t in tasks}},
                        counts=counts, started=started)
     logger.info("train: wrote %s (loss %s -> %s, eval loss %s)", out_dir, counts["first_loss"], counts["last_loss"],
                 counts.get("final_eval_loss"))
     return out_dir
 
 
-def example_datasets(cfg: PipelineConfig, samples_dir: Path, model_path: str, task: Any) -> tuple[Any, Any, int, int]:
+def example_datasets(cfg: PipelineConfig, samples_dir: Path, model_path: str, tasks: dict[str, Any],
+                     factors: dict[str, float] | None = None) -> tuple[Any, Any, int, int]:
     """Valid samples → tokenized examples (Ray Data), split into train and held-out validation
     by query id; with their counts. Refuses a run where no sample fits ``max_seq_len``."""
     import ray
@@ -207,7 +227,7 @@ def example_datasets(cfg: PipelineConfig, samples_dir: Path, model_path: str, ta
         .filter(expr=col("valid") == True)  # noqa: E712 - an expression, not a Python comparison
         .map_batches(
             ExampleBuilder,
-            fn_constructor_kwargs={"model_path": model_path, "task": task, "target": cfg.train.target,
+            fn_constructor_kwargs={"model_path": model_path, "tasks": tasks, "factors": factors, "target": cfg.train.target,
                                    "max_seq_len": cfg.train.max_seq_len, "val_fraction": cfg.train.val_fraction,
                                    "soft": cfg.train.kl_weight > 0},
             compute=ray.data.ActorPoolStrategy(size=1),

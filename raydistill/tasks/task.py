@@ -69,6 +69,8 @@ class TaskSpec(BaseModel):
         description="The student's system message, in training and serving alike: 'default' (the chat "
         "template's own, e.g. SmolLM2's 20-token one), 'none' (an empty system message) or a given text.",
     )
+    student_tag: str = Field("", description="Set by multi-task pipelines (tasks[].tag), not in task files: the "
+                             "student's query is '[tag] query', the few tokens that stand in for this task's prompt.")
     labels: dict[str, str] = Field(..., description="label code -> the answer the student learns to say.")
     aliases: dict[str, str] = Field(default_factory=dict, description="extra phrase -> label code (case-insensitive).")
     fallback_label: str | None = Field(None, description="Label for a non-empty answer naming no known phrase (else rejected).")
@@ -120,15 +122,24 @@ class TaskSpec(BaseModel):
         return {"role": "system", "content": content}
 
     def student_messages(self, query: str) -> list[dict[str, str]]:
-        """The chat the student sees, in training and in serving alike: the bare query."""
+        """The chat the student sees, in training and in serving alike: the bare query (after the
+        task's tag in a multi-task student)."""
         return self.with_student_system([{"role": "user", "content": query}])
 
+    def tagged(self, query: str) -> str:
+        return f"[{self.student_tag}] {query}" if self.student_tag else query
+
     def with_student_system(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-        """A client's chat as the student was trained on it: the task's student system message is
-        added unless the client sent a system message of its own."""
+        """A client's chat as the student was trained on it: the task's tag before the last user
+        message, and the task's student system message unless the client sent one of its own."""
+        messages = [dict(m) for m in messages]
+        if self.student_tag:
+            last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+            if last is not None:
+                messages[last]["content"] = self.tagged(str(messages[last].get("content", "")))
         system = self.student_system_message()
         if system is None or any(m.get("role") in ("system", "developer") for m in messages):
-            return list(messages)
+            return messages
         return [system, *messages]
 
     # ---- parsing ------------------------------------------------------------------------

@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raydistill.config import PipelineConfig, TeacherConfig
-from raydistill.data.queries import read_queries
-from raydistill.data.sources import Source, check_columns, explain_read_failure, resolve_source
+from raydistill.data.queries import read_task_queries, task_sources
+from raydistill.data.sources import Source, explain_read_failure
 from raydistill.engine import engine_args
 from raydistill.errors import DataError, RaydistillError
 from raydistill.manifest import write_manifest
@@ -29,7 +30,7 @@ from raydistill.outputs import ResumableOutput, resumable_output
 from raydistill.progress import Progress, parquet_rows
 from raydistill.runtime import init_ray
 from raydistill.schema import parquet_files
-from raydistill.tasks.task import TaskSpec, task_for
+from raydistill.tasks.pipeline_tasks import RunTask, run_tasks, specs_by_key
 from raydistill.teacher.ledger import finished_samples
 from raydistill.teacher.requests import TeacherRequests, parse_outputs
 
@@ -93,18 +94,17 @@ def generate(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = Fal
         logger.info("generate: %s is complete; nothing to resume", Path(cfg.run_dir) / "samples")
         return Path(cfg.run_dir) / "samples"
     # Everything that can be wrong with the inputs fails here, before Ray and the engines start.
-    task = task_for(cfg.task)
+    tasks = run_tasks(cfg)
     model_path = resolve_model(cfg.teacher.model)
-    source = resolve_source(cfg.queries.train_path)
-    check_columns(source, cfg.queries.text_column)
+    sources = task_sources(tasks, "train")
     partial = out.start()
     try:
-        summary = _generate_into(cfg, out, task, model_path, source)
+        summary = _generate_into(cfg, out, tasks, model_path, sources)
     except RaydistillError:
         out.discard()
         raise
     except Exception as exc:
-        reason = explain_read_failure(exc, source.uri)
+        reason = next((r for r in (explain_read_failure(exc, s.uri) for s in sources) if r is not None), None)
         if reason is None:
             raise  # not the input's fault: keep the partial output for --resume
         out.discard()
@@ -113,17 +113,19 @@ def generate(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = Fal
         partial,
         stage="generate",
         config=cfg.model_dump(),
-        inputs={"queries": cfg.queries.train_path, "teacher_model": model_path, "task": task.name},
+        inputs={"queries": {t.key: s.uri for t, s in zip(tasks, sources)}, "teacher_model": model_path,
+                "tasks": {t.key: t.spec.name for t in tasks}},
         counts=summary,
         started=started,
-        extra={"prompt_sha256": task.prompt_sha256, "resumed": out.resumed},
+        extra={"prompt_sha256": {t.key: t.spec.prompt_sha256 for t in tasks}, "resumed": out.resumed},
     )
     final = out.commit()
     print_summary(summary)
     return final
 
 
-def _generate_into(cfg: PipelineConfig, out: ResumableOutput, task: TaskSpec, model_path: str, source: Source) -> dict[str, Any]:
+def _generate_into(cfg: PipelineConfig, out: ResumableOutput, tasks: list[RunTask], model_path: str,
+                   sources: list[Source]) -> dict[str, Any]:
     import ray
     import ray.data
     from ray.data.llm import build_processor
@@ -132,13 +134,12 @@ def _generate_into(cfg: PipelineConfig, out: ResumableOutput, task: TaskSpec, mo
     done, torn = finished_samples(out.partial) if out.resumed else (np.array([], dtype=object), 0)
     if out.resumed:
         logger.info("generate: resuming: %d samples already written, %d torn file(s) deleted", len(done), torn)
-    queries = read_queries(source, cfg.queries)
-    if cfg.teacher.max_rows:
-        queries = queries.limit(cfg.teacher.max_rows)
+    queries = read_task_queries(tasks, sources, cfg.teacher.max_rows)
+    specs = specs_by_key(tasks)
     requests = queries.map_batches(
         TeacherRequests,
         fn_constructor_kwargs={
-            "model_path": model_path, "task": task, "cfg": cfg.teacher,
+            "model_path": model_path, "tasks": specs, "cfg": cfg.teacher,
             "done_ref": [ray.put(done)] if len(done) else None,
         },
         compute=ray.data.ActorPoolStrategy(size=1),
@@ -151,26 +152,28 @@ def _generate_into(cfg: PipelineConfig, out: ResumableOutput, task: TaskSpec, mo
     processor = build_processor(processor_config(cfg.teacher, model_path))
     samples = processor(requests).map_batches(
         parse_outputs,  # type: ignore[arg-type]  # Ray's UDF type has no keyword-only params; fn_kwargs fills them
-        fn_kwargs={"task": task, "teacher_model": cfg.teacher.model, "top_k": cfg.teacher.logprobs},
+        fn_kwargs={"tasks": specs, "teacher_model": cfg.teacher.model, "top_k": cfg.teacher.logprobs},
         batch_format="numpy",
         num_cpus=0.25,
     )
     t0 = time.time()
-    total = cfg.teacher.max_rows * cfg.teacher.samples_per_query if cfg.teacher.max_rows else None
+    total = len(tasks) * cfg.teacher.max_rows * cfg.teacher.samples_per_query if cfg.teacher.max_rows else None
     with Progress("generate", lambda: parquet_rows(out.partial), total, "samples"):
         samples.write_parquet(str(out.partial), min_rows_per_file=cfg.teacher.rows_per_file)
     wall = time.time() - t0
     table = pq.read_table(parquet_files(out.partial), columns=SUMMARY_COLUMNS)
     if table.num_rows == 0:
-        raise DataError(f"no queries read from {cfg.queries.train_path!r}; check the file and queries.text_column")
+        raise DataError(f"no queries read from {[s.uri for s in sources]}; check the files and queries.text_column")
     summary = summarize(table)
+    if len(tasks) > 1:
+        summary["tasks"] = {t.key: summarize(table.filter(pc.equal(table["task"], t.key))) for t in tasks}
     new_rows = table.num_rows - len(done)
     summary.update(resumed_samples=len(done), torn_files=torn, wall_s=round(wall, 1),
                    samples_per_s=round(new_rows / wall, 2) if wall > 0 else None)
     return summary
 
 
-SUMMARY_COLUMNS = ["id", "sample_index", "valid", "label", "reject_reason", "num_input_tokens", "num_output_tokens"]
+SUMMARY_COLUMNS = ["id", "task", "sample_index", "valid", "label", "reject_reason", "num_input_tokens", "num_output_tokens"]
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -182,13 +185,16 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"  tokens: {summary['input_tokens']} in, {summary['output_tokens']} out; "
         f"{summary['samples_per_s']} samples/s over {summary['wall_s']} s",
     ]
+    for key, part in summary.get("tasks", {}).items():
+        lines.append(f"  task {key}: {part['rows']} samples of {part['queries']} queries, parse rate {part['parse_rate']:.1%}, "
+                     f"{part['input_tokens'] // max(part['rows'], 1)} input tokens per sample")
+        if part["valid"] == 0:
+            lines.append(f"  task {key}: NO valid samples; the student cannot learn it (check its prompt and parser)")
     print("\n".join(lines))  # noqa: T201
 
 
 def summarize(table: Any) -> dict[str, Any]:
     """Parse rate, label distribution, rejects by reason and token totals of a samples table."""
-    import pyarrow.compute as pc
-
     def counts(column: Any) -> dict[str, int]:
         pairs = pc.value_counts(column.drop_null()).to_pylist()
         return dict(sorted((p["values"], p["counts"]) for p in pairs))

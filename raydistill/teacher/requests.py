@@ -32,11 +32,11 @@ class TeacherRequests:
     those are not requested again.
     """
 
-    def __init__(self, model_path: str, task: TaskSpec, cfg: TeacherConfig, done_ref: Any = None):
+    def __init__(self, model_path: str, tasks: dict[str, TaskSpec], cfg: TeacherConfig, done_ref: Any = None):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.task = task
+        self.tasks = tasks
         self.cfg = cfg
         self.done = None
         if done_ref is not None:
@@ -45,7 +45,7 @@ class TeacherRequests:
             self.done = ray.get(done_ref[0])  # wrapped in a list so Ray passes the ref, not the value
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        return build_requests(batch, self.tokenizer, self.task, self.cfg, done=self.done)
+        return build_requests(batch, self.tokenizer, self.tasks, self.cfg, done=self.done)
 
 
 def sample_key(query_id: str, sample_index: int) -> str:
@@ -62,16 +62,21 @@ def is_done(key: str, done: np.ndarray | None) -> bool:
 
 
 def build_requests(
-    batch: dict[str, np.ndarray], tokenizer: Any, task: TaskSpec, cfg: TeacherConfig, done: np.ndarray | None = None
+    batch: dict[str, np.ndarray], tokenizer: Any, tasks: dict[str, TaskSpec], cfg: TeacherConfig,
+    done: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    out: dict[str, list[Any]] = {k: [] for k in ("id", "query", "gold", "sample_index", "prompt", "sampling_params")}
-    for qid, text, gold in zip(batch["id"], batch["text"], batch["gold"]):
+    """Query rows → request rows, each query wrapped in its own task's target prompt (so the
+    engine's prefix cache holds one prefix per task)."""
+    out: dict[str, list[Any]] = {k: [] for k in ("id", "task", "query", "gold", "sample_index", "prompt", "sampling_params")}
+    for qid, key, text, gold in zip(batch["id"], batch["task"], batch["text"], batch["gold"]):
         todo = [k for k in range(cfg.samples_per_query) if not is_done(sample_key(str(qid), k), done)]
         if not todo:
             continue
+        task = tasks[str(key)]
         prompt = render_prompt(tokenizer, task.teacher_messages(str(text)), task.assistant_prefix)
         for k in todo:
             out["id"].append(str(qid))
+            out["task"].append(str(key))
             out["query"].append(str(text))
             out["gold"].append(None if gold is None else str(gold))
             out["sample_index"].append(k)
@@ -80,13 +85,16 @@ def build_requests(
     return out
 
 
-def parse_outputs(batch: dict[str, np.ndarray], *, task: TaskSpec, teacher_model: str, top_k: int = 0) -> pa.Table:
-    """Engine output rows → SAMPLES table: parse each response; engine errors become rejects."""
+def parse_outputs(batch: dict[str, np.ndarray], *, tasks: dict[str, TaskSpec], teacher_model: str, top_k: int = 0) -> pa.Table:
+    """Engine output rows → SAMPLES table: parse each response with its task's parser; engine
+    errors become rejects."""
     n = len(batch["id"])
     errors = batch.get("__inference_error__", np.array([""] * n, dtype=object))
     cols: dict[str, list[Any]] = {name: [] for name in SAMPLES.names}
     for i in range(n):
         error = errors[i]
+        key = str(batch["task"][i])
+        task = tasks[key]
         response = None if error else str(batch["generated_text"][i])
         reason: str | None
         if error:
@@ -95,6 +103,7 @@ def parse_outputs(batch: dict[str, np.ndarray], *, task: TaskSpec, teacher_model
             parsed = task.parse(response)
             label, valid, reason = parsed.label, parsed.valid, parsed.reject_reason
         cols["id"].append(str(batch["id"][i]))
+        cols["task"].append(key)
         cols["query"].append(str(batch["query"][i]))
         cols["gold"].append(None if batch["gold"][i] is None else str(batch["gold"][i]))
         cols["sample_index"].append(int(batch["sample_index"][i]))

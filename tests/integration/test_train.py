@@ -39,7 +39,7 @@ def write_samples(folder: Path, n: int) -> None:
     rows = build_langid_demo()["train"][:n]
     folder.mkdir(parents=True)
     table = pa.table({
-        "id": [r["id"] for r in rows], "query": [r["text"] for r in rows], "gold": [r["gold"] for r in rows],
+        "id": [r["id"] for r in rows], "task": [task.name] * n, "query": [r["text"] for r in rows], "gold": [r["gold"] for r in rows],
         "sample_index": [0] * n, "prompt_sha256": [task.prompt_sha256] * n, "teacher_model": ["hand-made"] * n,
         "response": [f" {task.labels[r['gold']]}." for r in rows], "label": [r["gold"] for r in rows],
         "valid": [True] * n, "reject_reason": [None] * n, "num_input_tokens": [100] * n, "num_output_tokens": [3] * n,

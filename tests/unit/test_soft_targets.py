@@ -55,7 +55,7 @@ def test_batch_marks_val_rows_and_collates_soft_arrays(tokenizer):
         "top_token_ids": np.array([[[11, 3, 4], [12, 3, 4]]] * n, dtype=object),
         "top_logprobs": np.array([[[-0.1, -3, -4], [-0.2, -3, -4]]] * n, dtype=object),
     }
-    out = build_examples_batch(batch, tokenizer=tokenizer, task=task, target="response", max_seq_len=256,
+    out = build_examples_batch(batch, tokenizer=tokenizer, tasks={"langid": task}, target="response", max_seq_len=256,
                                val_fraction=0.5, soft=True)
     assert list(out["val"]) == [is_validation(f"id{i}", 0.5) for i in range(n)]
     arrays = collate({k: out[k] for k in ("input_ids", "labels", "soft_pos", "soft_ids", "soft_logprobs")}, 0)
