@@ -173,3 +173,13 @@ def test_bad_training_input_fails_before_training(tmp_path, tiny_model, case, tr
         assert needle in error_lines[0], error_lines[0]
     assert "Traceback" not in proc.stderr
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # no student, no checkpoints, samples kept
+
+
+def test_a_task_whose_queries_are_missing_is_named(tmp_path):
+    (tmp_path / "q.jsonl").write_text('{"text": "hola"}\n')
+    good = {"train_path": str(tmp_path / "q.jsonl"), "eval_path": str(tmp_path / "q.jsonl")}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "tasks": [
+        {"tag": "a", "name": "langid", "queries": good},
+        {"tag": "b", "name": "langid", "queries": {**good, "train_path": str(tmp_path / "missing.jsonl")}}]}))
+    assert_clean_failure(run_cli("generate", str(path)), tmp_path, "task 'b'", "missing.jsonl", "not found")
