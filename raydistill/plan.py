@@ -29,14 +29,14 @@ SAMPLE_QUERIES = 64
 CHARS_PER_TOKEN = 4.0  # only when the model's tokenizer is not available here
 
 # Throughput per engine / per training worker. CPU figures are measured on the 2-core dev
-# machine; GPU figures are the README's back-of-envelope estimates (FLOPs and bandwidth), not
+# machine; GPU figures are docs/cluster.md's back-of-envelope estimates (FLOPs and bandwidth), not
 # measurements: no GPU run has been made yet.
 THROUGHPUT: dict[str, dict[str, Any]] = {
     "cpu": {"generate_rps_per_engine": 1.69, "train_tokens_per_s_per_worker": 70.0,
             "source": "measured: bench/results/generate.json (langid-long, SmolLM2-135M, fp32) and "
                       "runs of `raydistill demo` (70 tokens/s per worker, LoRA, 2 workers)"},
     "gpu": {"generate_rps_per_engine": 400.0, "train_tokens_per_s_per_worker": 2.9e4,
-            "source": "estimated, not measured: README 'Sizing' (Qwen3-30B-A3B TP=2 engine on H100s; "
+            "source": "estimated, not measured: docs/cluster.md 'Sizing' (Qwen3-30B-A3B TP=2 engine on H100s; "
                       "1.7B student at ~30% of H100 bf16 FLOP/s)"},
 }
 
@@ -285,8 +285,9 @@ def local_model_config(model: str) -> Any:
 
 def render(plan: Plan, cfg: PipelineConfig, connected: bool) -> str:
     """The plan as the terminal shows it."""
-    names = ", ".join(t.key for t in run_tasks(cfg))
-    lines = [f"plan for run_dir {cfg.run_dir} (task {names})", "", "what each stage asks of Ray:"]
+    keys = [t.key for t in run_tasks(cfg)]
+    which = f"task {keys[0]}" if len(keys) == 1 else f"tasks {', '.join(keys)}"
+    lines = [f"plan for run_dir {cfg.run_dir} ({which})", "", "what each stage asks of Ray:"]
     for d in plan.demands:
         per = ", ".join(f"{_fmt(v)} {k}" for k, v in d.per_actor.items())
         total = ", ".join(f"{_fmt(v)} {k}" for k, v in d.total().items())
