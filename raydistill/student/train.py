@@ -13,10 +13,11 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow.compute as pc
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydistill.config import PipelineConfig
@@ -58,20 +59,24 @@ class ExampleBuilder:
 
 def check_samples(samples_dir: Path, tasks: list[str], *, soft: bool = False) -> dict[str, int]:
     """Fail early on a missing/foreign samples folder, or a task without valid rows; return the
-    number of valid rows per task."""
+    number of valid rows per task. Reads the small ``task`` and ``valid`` columns a batch at a
+    time (and, with ``soft``, ``token_ids`` until one row has them), so the driver's memory does
+    not grow with the samples."""
     if not samples_dir.is_dir() or not any(samples_dir.glob("*.parquet")):
         raise DataError(f"no teacher samples under {str(samples_dir)!r}; run `raydistill generate` first")
     schema = pq.read_schema(next(samples_dir.glob("*.parquet")))
     require_columns(schema.names, SAMPLES, f"samples in {str(samples_dir)!r}", "regenerate them with `raydistill generate`")
-    table = pq.read_table(parquet_files(samples_dir), columns=["task", "valid", "token_ids"])
-    if int(pc.sum(table["valid"]).as_py() or 0) == 0:
+    found: dict[str | None, int] = {}
+    for batch in _batches(samples_dir, ["task", "valid"]):
+        for r in pa.Table.from_batches([batch]).group_by("task").aggregate([("valid", "sum")]).to_pylist():
+            found[r["task"]] = found.get(r["task"], 0) + int(r["valid_sum"] or 0)
+    if sum(found.values()) == 0:
         raise DataError(f"samples in {str(samples_dir)!r} hold no valid rows; check the teacher prompt/parser (see the generate manifest)")
-    if soft and table["token_ids"].null_count == table.num_rows:
+    if soft and all(b.column(0).null_count == b.num_rows for b in _batches(samples_dir, ["token_ids"])):
         raise DataError(f"samples in {str(samples_dir)!r} have no teacher logprobs for train.kl_weight; "
                         f"regenerate with teacher.logprobs=5 or set train.kl_weight=0")
     if len(tasks) == 1:  # one task: every row is its (older samples have no task column values)
-        return {tasks[0]: int(pc.sum(table["valid"]).as_py() or 0)}
-    found = {r["task"]: r["valid_sum"] for r in table.group_by("task").aggregate([("valid", "sum")]).to_pylist()}
+        return {tasks[0]: sum(found.values())}
     unknown = sorted(str(k) for k in set(found) - set(tasks))
     if unknown:
         raise DataError(f"samples in {str(samples_dir)!r} hold tasks {unknown} that the config does not list; "
@@ -81,6 +86,12 @@ def check_samples(samples_dir: Path, tasks: list[str], *, soft: bool = False) ->
         raise DataError(f"task(s) {empty} have no valid teacher samples in {str(samples_dir)!r}; fix their prompt or "
                         "parser (the generate summary lists the rejects) or remove them from tasks")
     return {k: int(found[k]) for k in tasks}
+
+
+def _batches(samples_dir: Path, columns: list[str]) -> Iterator[Any]:
+    """Record batches of some columns of every samples file, one batch in memory at a time."""
+    for path in parquet_files(samples_dir):
+        yield from pq.ParquetFile(path).iter_batches(columns=columns, batch_size=65_536)
 
 
 def check_student_model(model_path: str, cfg: PipelineConfig) -> None:

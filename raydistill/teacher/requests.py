@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -28,8 +29,9 @@ def sampling_params(cfg: TeacherConfig, sample_index: int) -> dict[str, Any]:
 class TeacherRequests:
     """Ray Data UDF: render the target prompt around each query with the teacher's chat template.
 
-    ``done_ref`` (resume) is an object ref to the sorted keys of samples already written;
-    those are not requested again.
+    ``done_ref`` (resume) is an object ref to the sorted hashes of the samples already written
+    (``teacher/ledger.py``); those are not requested again. The array is read zero-copy from
+    the object store, so every actor on a node shares one copy.
     """
 
     def __init__(self, model_path: str, tasks: dict[str, TaskSpec], cfg: TeacherConfig, done_ref: Any = None):
@@ -53,12 +55,18 @@ def sample_key(query_id: str, sample_index: int) -> str:
     return f"{query_id}\t{sample_index}"
 
 
+def sample_hash(key: str) -> int:
+    """A sample key's 64-bit hash: the ledger holds these (8 bytes a sample), not the keys."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+
+
 def is_done(key: str, done: np.ndarray | None) -> bool:
-    """Membership in a sorted array of keys (binary search: millions of keys stay compact)."""
+    """Membership in the ledger's sorted uint64 array of sample hashes (``teacher/ledger.py``)."""
     if done is None or len(done) == 0:
         return False
-    i = int(np.searchsorted(done, key))
-    return i < len(done) and done[i] == key
+    h = np.uint64(sample_hash(key))
+    i = int(np.searchsorted(done, h))
+    return i < len(done) and done[i] == h
 
 
 def build_requests(

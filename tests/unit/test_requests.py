@@ -8,7 +8,14 @@ from raydistill.config import TeacherConfig
 from raydistill.schema import SAMPLES
 from raydistill.tasks.task import REJECT_ENGINE, REJECT_NO_LABEL, load_task
 from raydistill.teacher.generate import summarize
-from raydistill.teacher.requests import build_requests, flatten_logprobs, parse_outputs, sample_key, sampling_params
+from raydistill.teacher.requests import (
+    build_requests,
+    flatten_logprobs,
+    parse_outputs,
+    sample_hash,
+    sample_key,
+    sampling_params,
+)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +89,7 @@ def test_parse_outputs_writes_logprob_columns(task):
 
 def test_resume_skips_written_samples(task, tokenizer):
     batch = {"id": np.array(["a", "b"]), "task": np.array(["langid"] * 2), "text": np.array(["Hola", "Hallo"]), "gold": np.array([None, None])}
-    done = np.array(sorted([sample_key("a", 0), sample_key("a", 1), sample_key("b", 1)]), dtype=object)
+    done = np.unique(np.array([sample_hash(sample_key(i, k)) for i, k in [("a", 0), ("a", 1), ("b", 1)]], dtype=np.uint64))
     out = build_requests(batch, tokenizer, {"langid": task}, TeacherConfig(samples_per_query=2, temperature=0.7), done=done)
     assert list(zip(out["id"], out["sample_index"])) == [("b", 0)]
 

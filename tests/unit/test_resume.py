@@ -8,7 +8,7 @@ import pytest
 from raydistill.errors import RunDirError
 from raydistill.outputs import resumable_output
 from raydistill.teacher.ledger import finished_samples
-from raydistill.teacher.requests import is_done, sample_key
+from raydistill.teacher.requests import is_done, sample_hash, sample_key
 
 
 def test_ledger_reads_whole_files_and_deletes_torn_ones(tmp_path):
@@ -19,9 +19,9 @@ def test_ledger_reads_whole_files_and_deletes_torn_ones(tmp_path):
     torn.write_bytes(good.read_bytes()[:-12])  # footer cut off, as by a SIGKILL mid-write
     done, n_torn = finished_samples(tmp_path)
     assert n_torn == 1 and not torn.exists()
-    assert list(done) == sorted(sample_key(i, k) for i, k in [("a", 0), ("a", 1), ("b", 0), ("c", 0)])
+    assert list(done) == sorted(sample_hash(sample_key(i, k)) for i, k in [("a", 0), ("a", 1), ("b", 0), ("c", 0)])
     assert is_done(sample_key("a", 1), done) and not is_done(sample_key("b", 1), done)
-    assert not is_done(sample_key("zz", 0), done) and not is_done("a", np.array([], dtype=object))
+    assert not is_done(sample_key("zz", 0), done) and not is_done("a", np.array([], dtype=np.uint64))
 
 
 def test_resumable_output_states(tmp_path):
