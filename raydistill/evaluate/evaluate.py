@@ -12,25 +12,19 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydistill.config import PipelineConfig
 from raydistill.data.queries import read_task_queries, task_sources
 from raydistill.errors import DataError
 from raydistill.evaluate.client import ChatClient, expand_systems
-from raydistill.evaluate.metrics import (
-    accuracy_by_label,
-    agreement,
-    compare,
-    confusion,
-    payoff,
-    system_metrics,
-    throughput,
-)
+from raydistill.evaluate.metrics import PairStats, Span, SystemStats, comparison, pair_agreed, paired, payoff, truncate
 from raydistill.evaluate.report import summary_table, task_table, write_report, write_task_index
 from raydistill.manifest import write_manifest
 from raydistill.outputs import check_output, staged_output
@@ -53,18 +47,20 @@ def evaluate(cfg: PipelineConfig, base_url: str, *, overwrite: bool = False,
     queries = read_task_queries(tasks, sources, cfg.eval.max_rows).materialize()
     with staged_output(out_dir) as tmp:
         send_traffic(cfg, base_url, tasks, queries, tmp / "results")
-        rows = pq.read_table(tmp / "results").to_pylist()
-        if not rows:
+        stats = collect_stats(tmp / "results")
+        overall = merge_stats(stats.values())
+        n_rows = sum(s.requests for s in overall.systems.values())
+        if not n_rows:
             raise DataError(f"no evaluation queries read from {[s.uri for s in sources]}; check the files")
         labels = list(dict.fromkeys(label for t in tasks for label in t.spec.labels))  # all tasks' labels, in order
-        summary = analyze(rows, labels, cfg.eval.systems)
+        summary = analyze(overall, labels, cfg.eval.systems)
         if len(tasks) == 1:
             write_report(tmp, stage_times=stage_times, **summary.pop("_report"))
         else:
             summary.pop("_report")
             per_task = {}
             for t in tasks:
-                part = analyze([r for r in rows if r["task"] == t.key], list(t.spec.labels), cfg.eval.systems)
+                part = analyze(stats.get(t.key, ResultStats()), list(t.spec.labels), cfg.eval.systems)
                 (tmp / "tasks" / t.key).mkdir(parents=True)
                 write_report(tmp / "tasks" / t.key, stage_times=None, **part.pop("_report"))
                 per_task[t.key] = part
@@ -72,7 +68,7 @@ def evaluate(cfg: PipelineConfig, base_url: str, *, overwrite: bool = False,
             write_task_index(tmp, summary, stage_times)
         write_manifest(tmp, stage="evaluate", config=cfg.model_dump(),
                        inputs={"queries": {t.key: s.uri for t, s in zip(tasks, sources)}, "url": base_url},
-                       counts={"rows": len(rows)}, started=started, extra={"metrics": summary})
+                       counts={"rows": n_rows}, started=started, extra={"metrics": summary})
     logger.info("evaluate: wrote %s", out_dir)
     print(summary_table(summary["systems"], summary["student_teacher_agreement"],  # noqa: T201 - the stage's output
                         summary["student_vs_teacher"], summary["payoff"]))
@@ -102,21 +98,127 @@ def send_traffic(cfg: PipelineConfig, base_url: str, tasks: list[RunTask], queri
         logger.info("evaluate: %s done", system)
 
 
-def analyze(rows: list[dict[str, Any]], labels: list[str], systems: Sequence[str]) -> dict[str, Any]:
+class ResultStats:
+    """Mergeable statistics of a set of result rows: per system, and teacher vs student."""
+
+    def __init__(self) -> None:
+        self.systems: dict[str, SystemStats] = {}
+        self.pairs = PairStats()
+
+    def merge(self, other: ResultStats) -> None:
+        for system, stats in other.systems.items():
+            self.systems.setdefault(system, SystemStats()).merge(stats)
+        self.pairs.merge(other.pairs)
+
+
+def merge_stats(parts: Any) -> ResultStats:
+    out = ResultStats()
+    for part in parts:
+        out.merge(part)
+    return out
+
+
+RESULT_COLUMNS = ["id", "task", "system", "gold", "label", "valid", "error", "latency_s", "started_at",
+                  "num_input_tokens", "num_output_tokens", "query", "answer"]
+PAIR_SCHEMA = pa.schema([(name, pa.string()) for name in ("id", "task", "system", "gold", "label", "query", "answer")])
+BUCKET_BYTES = 8 << 20  # result files per pairing bucket: ~100k rows, ~100 MB as row dicts in its task
+MAX_CHARS = 80  # disagreement examples show this much of a text (metrics.disagreements)
+
+
+def _group_stats(paths: list[str], n_buckets: int) -> tuple[Any, ...]:
+    """A Ray task over some result files: per task key, each system's ``SystemStats``; and the
+    answered teacher/student rows, texts cut to what an example shows, split into ``n_buckets``
+    tables by a hash of the query id (a query's rows of both systems meet in one bucket)."""
+    stats: dict[str | None, ResultStats] = {}
+    buckets: list[list[dict[str, Any]]] = [[] for _ in range(n_buckets)]
+    for path in paths:
+        for row in pq.read_table(path, columns=RESULT_COLUMNS).to_pylist():
+            part = stats.setdefault(row["task"], ResultStats())
+            part.systems.setdefault(row["system"], SystemStats()).add(row)
+            if row["system"] in ("teacher", "student") and not row["error"]:
+                short = {k: row[k] for k in ("id", "task", "system", "gold", "label")}
+                short.update(query=truncate(row["query"], MAX_CHARS + 1), answer=truncate(row["answer"], MAX_CHARS + 1))
+                buckets[zlib.crc32(row["id"].encode("utf-8")) % n_buckets].append(short)
+    return (stats, *(pa.Table.from_pylist(b, schema=PAIR_SCHEMA) for b in buckets))
+
+
+def _bucket_pairs(*tables: pa.Table) -> dict[str | None, PairStats]:
+    """A Ray task: teacher and student rows of one bucket of query ids, paired per task key."""
+    by_task: dict[str | None, list[dict[str, Any]]] = {}
+    for row in pa.concat_tables(tables).to_pylist():
+        by_task.setdefault(row["task"], []).append(row)
+    out = {}
+    for key, rows in by_task.items():
+        out[key] = PairStats()
+        out[key].add_pairs(paired(rows, "teacher", "student"))
+    return out
+
+
+def _collect_in_ray(groups: list[list[str]], n_buckets: int) -> dict[str | None, ResultStats]:
+    """A Ray task (small task results are held by the process that started the tasks: this one,
+    not the driver): system statistics per file group, then teacher/student pairs per bucket."""
+    import ray
+
+    group_task: Any = ray.remote(num_cpus=0.5, num_returns=1 + n_buckets)(_group_stats)
+    bucket_task: Any = ray.remote(num_cpus=0.5)(_bucket_pairs)
+    pending = [group_task.remote(g, n_buckets) for g in groups]
+    pairs = [bucket_task.remote(*(p[1 + b] for p in pending)) for b in range(n_buckets)]
+    out: dict[str | None, ResultStats] = {}
+    waiting = [p[0] for p in pending]
+    del pending
+    while waiting:  # merged as they finish: one group's statistics in memory at a time
+        ready, waiting = ray.wait(waiting, num_returns=1)
+        for key, stats in ray.get(ready[0]).items():
+            out.setdefault(key, ResultStats()).merge(stats)
+    for part in ray.get(pairs):
+        for key, pair_stats in part.items():
+            out.setdefault(key, ResultStats()).pairs.merge(pair_stats)
+    return out
+
+
+def collect_stats(folder: Path) -> dict[str | None, ResultStats]:
+    """The statistics of every result file under ``folder``, per task key, computed by Ray tasks
+    over groups of files (~8 MB each) and merged: the driver gets a few kB per task, whatever the
+    number of rows. Pairing teacher and student by query id is a hash partition of the answered
+    rows (ids and labels, texts cut to 81 characters) into buckets of ~8 MB of result files."""
+    import ray
+
+    files = sorted((str(p), p.stat().st_size) for p in folder.rglob("*.parquet"))
+    if not files:
+        return {}
+    groups: list[list[str]] = [[]]
+    size = 0
+    for path, nbytes in files:
+        if groups[-1] and size + nbytes > BUCKET_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(path)
+        size += nbytes
+    n_buckets = max(1, -(-sum(n for _, n in files) // BUCKET_BYTES))
+    task: Any = ray.remote(num_cpus=0)(_collect_in_ray)
+    return ray.get(task.remote(groups, n_buckets))
+
+
+def analyze(stats: ResultStats, labels: list[str], systems: Sequence[str]) -> dict[str, Any]:
     """The summary of one set of result rows (one task, or all of them), JSON-ready; ``_report``
     holds write_report's arguments."""
-    metrics = system_metrics(rows)
-    agree = agreement(rows, "student", "teacher")
-    comparison = compare(rows, metrics, labels)
-    gains = payoff(metrics, comparison)
-    by_label: dict[str, dict[str, float | None]] = {s: accuracy_by_label(rows, s, labels) for s in systems}
+    metrics = {s: stats.systems[s].metrics() for s in sorted(stats.systems)}
+    agreed, n = pair_agreed(stats.pairs.pairs)
+    agree = agreed / n if n else None
+    compared = comparison(stats.pairs, metrics, labels)
+    gains = payoff(metrics, compared)
+    get = {s: stats.systems.get(s, SystemStats()) for s in systems}
+    by_label: dict[str, dict[str, float | None]] = {s: get[s].accuracy_by_label(labels) for s in systems}
+    span = Span()
+    for system_stats in stats.systems.values():
+        span.merge(system_stats.span)
     report = {
         "metrics": metrics, "agreement": agree, "labels": labels, "by_label": by_label,
-        "matrices": {s: confusion(rows, s, labels) for s in systems},
-        "latencies": {s: [r["latency_s"] for r in rows if r["system"] == s and not r["error"] and r["latency_s"] is not None]
-                      for s in systems},
-        "comparison": comparison, "payoff": gains,
+        "matrices": {s: get[s].confusion(labels) for s in systems},
+        # the CDF plot's points: every latency up to 100,000 per system, else 2,000 quantiles
+        "latencies": {s: get[s].latency.points() for s in systems},
+        "comparison": compared, "payoff": gains,
     }
     return {"systems": metrics, "student_teacher_agreement": agree, "accuracy_by_label": by_label,
-            "throughput_rps": throughput([r for r in rows if not r["error"]]), "payoff": gains,
-            "student_vs_teacher": comparison, "_report": report}
+            "throughput_rps": span.throughput(), "payoff": gains,
+            "student_vs_teacher": compared, "_report": report}

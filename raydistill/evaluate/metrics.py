@@ -1,9 +1,15 @@
-"""Pure evaluation metrics over result rows (one row per query x system)."""
+"""Pure evaluation metrics over result rows (one row per query x system).
+
+Two ways in: lists of row dicts (the functions below), and mergeable accumulators
+(``SystemStats`` per system, ``PairStats`` for teacher vs student) that Ray tasks fill from
+result files of any size and the driver adds up (``evaluate.collect_stats``). The row functions
+are the accumulators filled from one list, so both give the same numbers.
+"""
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -16,51 +22,185 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=float), q)) if values else None
 
 
+class LatencySketch:
+    """Latencies for percentiles and the CDF plot in bounded memory: the exact values up to
+    ``exact_limit`` of them, then counts in log-spaced bins 1% wide from 0.1 ms to 10^5 s
+    (2,083 bins, 17 kB), so a percentile is within 0.5% of the exact one."""
+
+    LOW, HIGH, RATIO = 1e-4, 1e5, 1.01
+    BINS = math.ceil(math.log(HIGH / LOW) / math.log(RATIO))
+
+    def __init__(self, exact_limit: int = 100_000):
+        self.exact_limit = exact_limit
+        self.values: list[float] = []
+        self.counts: np.ndarray | None = None  # bin counts once over the limit
+
+    def __len__(self) -> int:
+        return len(self.values) if self.counts is None else int(self.counts.sum())
+
+    def add(self, value: float) -> None:
+        if self.counts is None:
+            self.values.append(float(value))
+            if len(self.values) > self.exact_limit:
+                self._to_bins()
+        else:
+            self.counts[self._bin(np.asarray([value]))] += 1
+
+    def merge(self, other: LatencySketch) -> None:
+        if self.counts is None and other.counts is None and len(self.values) + len(other.values) <= self.exact_limit:
+            self.values.extend(other.values)
+            return
+        self._to_bins()
+        self.counts = self.counts + (other.counts if other.counts is not None  # type: ignore[operator]
+                                     else np.bincount(self._bin(np.asarray(other.values)), minlength=self.BINS))
+
+    def percentile(self, q: float) -> float | None:
+        if self.counts is None:
+            return percentile(self.values, q)
+        n = int(self.counts.sum())
+        if n == 0:
+            return None
+        rank = q / 100 * (n - 1)  # numpy's default (linear) definition, to the bin
+        i = int(np.searchsorted(np.cumsum(self.counts), rank, side="right"))
+        return float(self.LOW * self.RATIO ** (min(i, self.BINS - 1) + 0.5))
+
+    def points(self, n: int = 2_000) -> list[float]:
+        """Values whose empirical CDF is this one's (all of them while exact, else n quantiles)."""
+        if self.counts is None:
+            return list(self.values)
+        return [v for q in np.linspace(0, 100, n) if (v := self.percentile(float(q))) is not None]
+
+    def _bin(self, values: np.ndarray) -> np.ndarray:
+        clipped = np.clip(values.astype(float), self.LOW, self.HIGH)
+        return np.minimum((np.log(clipped / self.LOW) / math.log(self.RATIO)).astype(np.int64), self.BINS - 1)
+
+    def _to_bins(self) -> None:
+        if self.counts is None:
+            self.counts = np.bincount(self._bin(np.asarray(self.values)), minlength=self.BINS).astype(np.int64)
+            self.values = []
+
+
+class Span:
+    """Answered requests with a send time and a latency: how many, first send, last answer."""
+
+    def __init__(self) -> None:
+        self.n, self.first, self.last = 0, math.inf, -math.inf
+
+    def add(self, row: dict[str, Any]) -> None:
+        if row.get("started_at") is not None and row.get("latency_s") is not None:
+            self.n += 1
+            self.first = min(self.first, row["started_at"])
+            self.last = max(self.last, row["started_at"] + row["latency_s"])
+
+    def merge(self, other: Span) -> None:
+        self.n, self.first, self.last = self.n + other.n, min(self.first, other.first), max(self.last, other.last)
+
+    def throughput(self) -> float | None:
+        """Answered requests per second over the window from the first send to the last answer."""
+        if not self.n:
+            return None
+        window = self.last - self.first
+        return self.n / window if window > 0 else None
+
+
+class SystemStats:
+    """Mergeable sums over one system's result rows: all that ``system_metrics``, ``confusion``
+    and ``accuracy_by_label`` need, in memory that does not grow with the rows (but for the
+    latency sketch's first 100,000 exact values)."""
+
+    def __init__(self) -> None:
+        self.requests = self.errors = self.valid = 0
+        self.gold_label: Counter[tuple[str, str | None]] = Counter()  # (gold, label) of rows with a gold label
+        self.tokens = {"num_input_tokens": [0.0, 0], "num_output_tokens": [0.0, 0]}  # answered: sum, count
+        self.latency = LatencySketch()
+        self.span = Span()
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.requests += 1
+        self.valid += bool(row["valid"])
+        if row.get("gold") is not None:
+            self.gold_label[(row["gold"], row["label"])] += 1
+        if row.get("error"):
+            self.errors += 1
+            return
+        for key, acc in self.tokens.items():
+            if row.get(key) is not None:
+                acc[0] += float(row[key])
+                acc[1] += 1
+        if row.get("latency_s") is not None:
+            self.latency.add(row["latency_s"])
+        self.span.add(row)
+
+    def merge(self, other: SystemStats) -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        self.valid += other.valid
+        self.gold_label.update(other.gold_label)
+        for key, acc in self.tokens.items():
+            acc[0] += other.tokens[key][0]
+            acc[1] += other.tokens[key][1]
+        self.latency.merge(other.latency)
+        self.span.merge(other.span)
+
+    def metrics(self) -> dict[str, Any]:
+        """Accuracy vs gold, parse rate, error count, tokens and latency."""
+        scored = sum(self.gold_label.values())
+        correct = sum(n for (gold, label), n in self.gold_label.items() if label == gold)
+        mean = {k: (s / n if n else None) for k, (s, n) in self.tokens.items()}
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "accuracy": correct / scored if scored else None,
+            "accuracy_ci95": list(wilson_interval(correct, scored)) if scored else None,
+            "scored": scored,  # requests with a gold label: the accuracy's n
+            "parse_rate": self.valid / self.requests if self.requests else None,
+            "mean_input_tokens": mean["num_input_tokens"],
+            "mean_output_tokens": mean["num_output_tokens"],
+            "latency_p50_s": self.latency.percentile(50),
+            "latency_p95_s": self.latency.percentile(95),
+            "latency_p99_s": self.latency.percentile(99),
+            "throughput_rps": self.span.throughput(),
+        }
+
+    def confusion(self, labels: Sequence[str]) -> np.ndarray:
+        """Counts[gold, predicted] over ``labels`` plus a last column for unparsed answers."""
+        index = {label: i for i, label in enumerate(labels)}
+        matrix = np.zeros((len(labels), len(labels) + 1), dtype=np.int64)
+        for (gold, label), n in self.gold_label.items():
+            if gold in index:
+                matrix[index[gold], index.get(label, len(labels)) if label is not None else len(labels)] += n
+        return matrix
+
+    def accuracy_by_label(self, labels: Sequence[str]) -> dict[str, float | None]:
+        """Per gold label: the share of that label's queries the system labelled right (recall)."""
+        matrix = self.confusion(labels)
+        return {label: (int(matrix[i, i]) / int(matrix[i].sum()) if matrix[i].sum() else None)
+                for i, label in enumerate(labels)}
+
+
+def system_stats(rows: Iterable[dict[str, Any]]) -> dict[str, SystemStats]:
+    by_system: dict[str, SystemStats] = defaultdict(SystemStats)
+    for row in rows:
+        by_system[row["system"]].add(row)
+    return dict(by_system)
+
+
 def system_metrics(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per system: accuracy vs gold, parse rate, error count, tokens and latency."""
-    by_system: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        by_system[row["system"]].append(row)
-    out: dict[str, dict[str, Any]] = {}
-    for system, items in sorted(by_system.items()):
-        answered = [r for r in items if not r.get("error")]
-        gold = [r for r in items if r.get("gold") is not None]
-        correct = sum(r["label"] == r["gold"] for r in gold)
-        latencies = [r["latency_s"] for r in answered if r.get("latency_s") is not None]
-        out[system] = {
-            "requests": len(items),
-            "errors": len(items) - len(answered),
-            "accuracy": correct / len(gold) if gold else None,
-            "accuracy_ci95": list(wilson_interval(correct, len(gold))) if gold else None,
-            "scored": len(gold),  # requests with a gold label: the accuracy's n
-            "parse_rate": (sum(bool(r["valid"]) for r in items) / len(items)) if items else None,
-            "mean_input_tokens": _mean(r.get("num_input_tokens") for r in answered),
-            "mean_output_tokens": _mean(r.get("num_output_tokens") for r in answered),
-            "latency_p50_s": percentile(latencies, 50),
-            "latency_p95_s": percentile(latencies, 95),
-            "latency_p99_s": percentile(latencies, 99),
-            "throughput_rps": throughput(answered),
-        }
-    return out
+    return {system: stats.metrics() for system, stats in sorted(system_stats(rows).items())}
 
 
 def throughput(rows: Sequence[dict[str, Any]]) -> float | None:
     """Answered requests per second over the window from the first send to the last answer."""
-    spans = [(r["started_at"], r["started_at"] + r["latency_s"]) for r in rows
-             if r.get("started_at") is not None and r.get("latency_s") is not None]
-    if not spans:
-        return None
-    window = max(end for _, end in spans) - min(start for start, _ in spans)
-    return len(spans) / window if window > 0 else None
+    span = Span()
+    for row in rows:
+        span.add(row)
+    return span.throughput()
 
 
 def accuracy_by_label(rows: Iterable[dict[str, Any]], system: str, labels: Sequence[str]) -> dict[str, float | None]:
     """Per gold label: the share of that label's queries the system labelled right (recall)."""
-    hits: dict[str, list[bool]] = {label: [] for label in labels}
-    for row in rows:
-        if row["system"] == system and row.get("gold") in hits:
-            hits[row["gold"]].append(row["label"] == row["gold"])
-    return {label: (sum(h) / len(h) if h else None) for label, h in hits.items()}
+    return system_stats(r for r in rows if r["system"] == system).get(system, SystemStats()).accuracy_by_label(labels)
 
 
 def agreement(rows: Iterable[dict[str, Any]], a: str, b: str) -> float | None:
@@ -71,8 +211,17 @@ def agreement(rows: Iterable[dict[str, Any]], a: str, b: str) -> float | None:
 
 def agreement_counts(rows: Iterable[dict[str, Any]], a: str, b: str) -> tuple[int, int]:
     """(queries with equal parsed labels, queries answered by both); unparsed never agrees."""
-    pairs = paired(rows, a, b)
-    return sum(ra["label"] is not None and ra["label"] == rb["label"] for ra, rb in pairs), len(pairs)
+    return pair_agreed(label_pairs(rows, a, b))
+
+
+def label_pairs(rows: Iterable[dict[str, Any]], a: str, b: str) -> Counter[tuple[str | None, str | None]]:
+    """(label of ``a``, label of ``b``) → queries, over the queries both answered."""
+    return Counter((ra["label"], rb["label"]) for ra, rb in paired(rows, a, b))
+
+
+def pair_agreed(pairs: Counter[tuple[str | None, str | None]]) -> tuple[int, int]:
+    """(queries with equal parsed labels, queries) of a ``label_pairs`` count; unparsed never agrees."""
+    return sum(n for (la, lb), n in pairs.items() if la is not None and la == lb), sum(pairs.values())
 
 
 def paired(rows: Iterable[dict[str, Any]], a: str, b: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -108,10 +257,14 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 def agreement_matrix(rows: Iterable[dict[str, Any]], a: str, b: str, labels: Sequence[str]) -> np.ndarray:
     """Counts[label of ``a``, label of ``b``] over ``labels`` + a last row/column for unparsed,
     over the queries both answered (so the diagonal without its last cell sums to the agreed count)."""
-    index = {label: i for i, label in enumerate(labels)}
+    return pair_matrix(label_pairs(rows, a, b), labels)
+
+
+def pair_matrix(pairs: Counter[tuple[str | None, str | None]], labels: Sequence[str]) -> np.ndarray:
+    index: dict[str | None, int] = {label: i for i, label in enumerate(labels)}
     matrix = np.zeros((len(labels) + 1, len(labels) + 1), dtype=np.int64)
-    for ra, rb in paired(rows, a, b):
-        matrix[index.get(ra["label"], len(labels)), index.get(rb["label"], len(labels))] += 1
+    for (la, lb), n in pairs.items():
+        matrix[index.get(la, len(labels)), index.get(lb, len(labels))] += n
     return matrix
 
 
@@ -121,11 +274,16 @@ def agreement_by_label(rows: Iterable[dict[str, Any]], a: str, b: str,
 
     Where ``a`` gave no label there is nothing to agree with, so that row has n only.
     """
+    return pair_agreement_by_label(label_pairs(rows, a, b), labels)
+
+
+def pair_agreement_by_label(pairs: Counter[tuple[str | None, str | None]],
+                            labels: Sequence[str]) -> dict[str, dict[str, Any]]:
     counts = {label: [0, 0] for label in [*labels, UNPARSED]}
-    for ra, rb in paired(rows, a, b):
-        key = ra["label"] if ra["label"] in counts and ra["label"] != UNPARSED else UNPARSED
-        counts[key][1] += 1
-        counts[key][0] += key != UNPARSED and rb["label"] == ra["label"]
+    for (la, lb), n in pairs.items():
+        key = la if la in counts and la != UNPARSED else UNPARSED
+        counts[key][1] += n
+        counts[key][0] += n if key != UNPARSED and lb == la else 0
     out: dict[str, dict[str, Any]] = {}
     for label, (agreed, n) in counts.items():
         defined = n > 0 and label != UNPARSED
@@ -151,19 +309,53 @@ def disagreements(rows: Iterable[dict[str, Any]], *, limit: int = 15, max_chars:
     costs), then those only the student got right, then the rest; by id within each group, so
     the list is the same on every run.
     """
-    def rank(pair: tuple[dict[str, Any], dict[str, Any]]) -> int:
-        teacher, student = pair
-        gold = teacher.get("gold")
-        if gold is None:
-            return 2
-        return 0 if teacher["label"] == gold else 1 if student["label"] == gold else 2
+    stats = PairStats(limit=limit, max_chars=max_chars)
+    stats.add_pairs(paired(rows, "teacher", "student"))
+    return stats.examples()
 
-    differ = [p for p in paired(rows, "teacher", "student") if p[0]["label"] is None or p[0]["label"] != p[1]["label"]]
-    differ.sort(key=rank)  # a stable sort: ids stay in order within a group
-    return [{"id": t["id"], "query": truncate(t.get("query"), max_chars), "gold": t.get("gold"),
-             "teacher_label": t["label"], "student_label": s["label"],
-             "teacher_answer": truncate(t.get("answer"), max_chars), "student_answer": truncate(s.get("answer"), max_chars)}
-            for t, s in differ[:limit]]
+
+def disagreement_rank(teacher: dict[str, Any], student: dict[str, Any]) -> int:
+    """0: only the teacher is right, 1: only the student is, 2: the rest (``disagreements``' order)."""
+    gold = teacher.get("gold")
+    if gold is None:
+        return 2
+    return 0 if teacher["label"] == gold else 1 if student["label"] == gold else 2
+
+
+class PairStats:
+    """Mergeable teacher-vs-student comparison over the queries both answered: the count of each
+    (teacher label, student label) pair and the first ``limit`` disagreements in ``disagreements``'
+    order. Bounded memory: labels squared, plus ``limit`` examples."""
+
+    def __init__(self, limit: int = 15, max_chars: int = 80):
+        self.limit, self.max_chars = limit, max_chars
+        self.pairs: Counter[tuple[str | None, str | None]] = Counter()
+        self.candidates: list[tuple[int, str, dict[str, Any]]] = []  # (rank, id, example), best first
+
+    def add_pairs(self, pairs: Iterable[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+        found = []
+        for t, s in pairs:
+            self.pairs[(t["label"], s["label"])] += 1
+            if t["label"] is None or t["label"] != s["label"]:
+                found.append((disagreement_rank(t, s), str(t["id"]), t, s))
+        found.sort(key=lambda c: (c[0], c[1]))
+        self._keep([(rank, qid, self._example(t, s)) for rank, qid, t, s in found[: self.limit]])
+
+    def merge(self, other: PairStats) -> None:
+        self.pairs.update(other.pairs)
+        self._keep(other.candidates)
+
+    def examples(self) -> list[dict[str, Any]]:
+        return [example for _, _, example in self.candidates]
+
+    def _keep(self, more: list[tuple[int, str, dict[str, Any]]]) -> None:
+        self.candidates = sorted(self.candidates + more, key=lambda c: (c[0], c[1]))[: self.limit]
+
+    def _example(self, t: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
+        return {"id": t["id"], "query": truncate(t.get("query"), self.max_chars), "gold": t.get("gold"),
+                "teacher_label": t["label"], "student_label": s["label"],
+                "teacher_answer": truncate(t.get("answer"), self.max_chars),
+                "student_answer": truncate(s.get("answer"), self.max_chars)}
 
 
 def truncate(text: str | None, max_chars: int) -> str | None:
@@ -175,16 +367,23 @@ def truncate(text: str | None, max_chars: int) -> str | None:
 def compare(rows: Sequence[dict[str, Any]], metrics: dict[str, dict[str, Any]],
             labels: Sequence[str]) -> dict[str, Any]:
     """Everything on whether the student can replace the teacher, JSON-ready (the manifest holds it)."""
-    agreed, n = agreement_counts(rows, "student", "teacher")
+    stats = PairStats()
+    stats.add_pairs(paired(rows, "teacher", "student"))
+    return comparison(stats, metrics, labels)
+
+
+def comparison(stats: PairStats, metrics: dict[str, dict[str, Any]], labels: Sequence[str]) -> dict[str, Any]:
+    """``compare`` from a ``PairStats`` (filled from result files of any size)."""
+    agreed, n = pair_agreed(stats.pairs)
     return {
         "agreed": agreed, "n": n, "agreement": agreed / n if n else None,
         "agreement_ci95": list(wilson_interval(agreed, n)) if n else None,
         "matrix_labels": [*labels, UNPARSED],
         # rows: the teacher's label, columns: the student's
-        "matrix": agreement_matrix(rows, "teacher", "student", labels).tolist(),
-        "by_teacher_label": agreement_by_label(rows, "teacher", "student", labels),
+        "matrix": pair_matrix(stats.pairs, labels).tolist(),
+        "by_teacher_label": pair_agreement_by_label(stats.pairs, labels),
         "tokens": token_savings(metrics),
-        "disagreements": disagreements(rows),
+        "disagreements": stats.examples(),
     }
 
 
@@ -203,20 +402,8 @@ def payoff(metrics: dict[str, dict[str, Any]], comparison: dict[str, Any]) -> di
 
 def confusion(rows: Iterable[dict[str, Any]], system: str, labels: Sequence[str]) -> np.ndarray:
     """Counts[gold, predicted] over ``labels`` plus a last column for unparsed answers."""
-    index = {label: i for i, label in enumerate(labels)}
-    matrix = np.zeros((len(labels), len(labels) + 1), dtype=np.int64)
-    for row in rows:
-        if row["system"] != system or row.get("gold") not in index:
-            continue
-        pred = index.get(row["label"], len(labels)) if row["label"] is not None else len(labels)
-        matrix[index[row["gold"]], pred] += 1
-    return matrix
+    return system_stats(r for r in rows if r["system"] == system).get(system, SystemStats()).confusion(labels)
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
     return num / den if num is not None and den else None
-
-
-def _mean(values: Iterable[Any]) -> float | None:
-    nums = [float(v) for v in values if v is not None]
-    return sum(nums) / len(nums) if nums else None

@@ -259,33 +259,41 @@ def _distinct(key: str, *parts: dict[str, np.ndarray]) -> int:
     return int(len(hashes) and 1 + np.count_nonzero(hashes[1:] != hashes[:-1]))
 
 
-def summarize_files(files: list[str], task_keys: list[str]) -> dict[str, Any]:
-    """``summarize`` over a samples folder of any size, with a per-task breakdown under ``tasks``
-    when there are several. Ray tasks read each file's small columns and return counts (added up
-    here) and hashes of ids and sample keys (counted distinct by one task per task), so the
-    driver holds a few numbers per file. Distinct counts of 64-bit hashes undercount by a
-    colliding pair with probability ~n^2/2^65 (3e-4 at 10^8 samples); with several tasks, ids are
-    namespaced by tag, so the overall counts are the sums of the tasks'."""
+def _summarize_in_ray(files: list[str], keys: list[str]) -> tuple[dict[str, Any], dict[str, int], dict[str, int]]:
+    """A Ray task: each file summarized by a task of its own; here their counts are added up and
+    their hashes counted distinct, per task key (small task results are held by the process that
+    started the tasks: this one, not the driver)."""
     import ray
 
-    several = len(task_keys) > 1
-    keys = task_keys if several else [""]
     per_file: Any = ray.remote(num_cpus=0.5, num_returns=3)(_file_summary)
-    pending = [per_file.remote(f, several) for f in files]
+    pending = [per_file.remote(f, len(keys) > 1) for f in files]
     counts = {key: dict(EMPTY_COUNTS) for key in keys}
     for part in ray.get([c for c, _, _ in pending]):
         for key, c in part.items():
             counts[key] = add_counts(counts.get(key, EMPTY_COUNTS), c)
-    distinct: Any = ray.remote(num_cpus=0.5)(_distinct)
-    queries = dict(zip(keys, ray.get([distinct.remote(k, *(ids for _, ids, _ in pending)) for k in keys])))
-    samples = dict(zip(keys, ray.get([distinct.remote(k, *(ks for _, _, ks in pending)) for k in keys])))
-    del pending
+    id_parts, key_parts = ray.get([ids for _, ids, _ in pending]), ray.get([ks for _, _, ks in pending])
+    return counts, {k: _distinct(k, *id_parts) for k in counts}, {k: _distinct(k, *key_parts) for k in counts}
+
+
+def summarize_files(files: list[str], task_keys: list[str]) -> dict[str, Any]:
+    """``summarize`` over a samples folder of any size, with a per-task breakdown under ``tasks``
+    when there are several. Ray tasks read each file's small columns and return counts (added up)
+    and 64-bit hashes of ids and sample keys (counted distinct: 16 bytes a sample in one worker),
+    so the driver holds a few numbers per task. A pair of colliding hashes undercounts by one
+    with probability ~n^2/2^65 (3e-4 at 10^8 samples); with several tasks, ids are namespaced by
+    tag, so the overall counts are the sums of the tasks'."""
+    import ray
+
+    several = len(task_keys) > 1
+    keys = task_keys if several else [""]
+    task: Any = ray.remote(num_cpus=0)(_summarize_in_ray)
+    counts, queries, samples = ray.get(task.remote(files, keys))
     total = EMPTY_COUNTS
     for c in counts.values():
         total = add_counts(total, c)
     summary = finish_summary(total, sum(queries.values()), sum(samples.values()))
     if several:
-        summary["tasks"] = {k: finish_summary(counts[k], queries[k], samples[k]) for k in keys}
+        summary["tasks"] = {k: finish_summary(counts[k], queries[k], samples[k]) for k in task_keys}
     if summary["duplicate_samples"]:
         logger.warning("generate: %d samples repeat a query id (the source repeats ids or texts); "
                        "set queries.dedup=true to label each query once", summary["duplicate_samples"])

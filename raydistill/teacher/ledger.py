@@ -64,34 +64,31 @@ def finished_samples(folder: str | Path) -> tuple[np.ndarray, int]:
     return merge_hashes(*parts), torn
 
 
-def _file_count_and_hashes(path: str) -> tuple[int, np.ndarray]:
-    hashes = file_sample_hashes(path)
-    return (-1, np.array([], dtype=np.uint64)) if hashes is None else (len(hashes), hashes)
+def _finished_in_ray(paths: list[str]) -> tuple[np.ndarray, int, list[str]]:
+    """A Ray task: each file hashed by a task of its own, merged here. Small results of tasks are
+    held by the process that started them, so this task, not the driver, collects them."""
+    import ray
 
-
-def _merged_count_and_hashes(*parts: np.ndarray) -> tuple[int, np.ndarray]:
-    merged = merge_hashes(*parts)
-    return len(merged), merged
+    per_file: Any = ray.remote(num_cpus=0.5)(file_sample_hashes)
+    parts = ray.get([per_file.remote(p) for p in paths])
+    torn = [p for p, hashes in zip(paths, parts) if hashes is None]
+    merged = merge_hashes(*(hashes for hashes in parts if hashes is not None))
+    return merged, len(merged), torn
 
 
 def put_finished_samples(folder: str | Path) -> tuple[Any, int, int]:
-    """``finished_samples`` with the files hashed by Ray tasks and the sorted array left in the
-    object store: (its object ref, or None when nothing is finished; samples; torn files deleted).
-    The driver never holds the keys, so its memory does not grow with the output."""
+    """``finished_samples`` done by Ray tasks, the sorted array left in the object store:
+    (its object ref, or None when nothing is finished; samples; torn files deleted). The driver
+    never holds the keys, so its memory does not grow with the output."""
     import ray
 
-    paths = sorted(Path(folder).glob("*.parquet"))
+    paths = sorted(str(p) for p in Path(folder).glob("*.parquet"))
     if not paths:
         return None, 0, 0
-    per_file: Any = ray.remote(num_cpus=0.5, num_returns=2)(_file_count_and_hashes)
-    pending = [per_file.remote(str(p)) for p in paths]
-    counts = ray.get([count for count, _ in pending])
-    torn = [p for p, n in zip(paths, counts) if n < 0]
+    task: Any = ray.remote(num_cpus=0, num_returns=3)(_finished_in_ray)
+    done_ref, n_ref, torn_ref = task.remote(paths)
+    n, torn = ray.get([n_ref, torn_ref])
     for path in torn:
-        logger.warning("resume: deleting torn file %s", path.name)
-        path.unlink()
-    merge: Any = ray.remote(num_cpus=0.5, num_returns=2)(_merged_count_and_hashes)
-    n_ref, done_ref = merge.remote(*(hashes for (_, hashes), n in zip(pending, counts) if n > 0))
-    del pending  # the per-file arrays are freed once merged
-    n = int(ray.get(n_ref))
-    return (done_ref if n else None), n, len(torn)
+        logger.warning("resume: deleting torn file %s", Path(path).name)
+        Path(path).unlink()
+    return (done_ref if n else None), int(n), len(torn)
