@@ -329,6 +329,8 @@ def render_config(cfg: BaseModel, indent: int = 0) -> str:
     pad = "  " * indent
     for name, field in type(cfg).model_fields.items():
         value = getattr(cfg, name)
+        if name == "task" and getattr(cfg, "tasks", None) is not None:
+            continue  # several tasks: `task` does not apply (and read back, it would be refused)
         if isinstance(value, BaseModel):
             doc = field.description or (type(value).__doc__ or "").strip().splitlines()[0]
             lines += [f"{pad}{name}:  # {doc}", render_config(value, indent + 1)]

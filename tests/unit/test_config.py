@@ -83,6 +83,8 @@ def test_config_show_lists_every_key_with_its_description_and_reads_back(path):
             section = name
             lines[name] = line
     for key, field in _fields(PipelineConfig):
+        if cfg.tasks is not None and key.startswith("task."):
+            continue  # several tasks: `task` is not shown
         assert lines[key].endswith(f"# {field.description}"), key
     assert PipelineConfig.model_validate(yaml.safe_load(text)) == cfg  # the comments are only comments
 
