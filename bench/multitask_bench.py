@@ -161,8 +161,12 @@ def render(out: dict[str, Any]) -> str:
         lines.append(f"| {key} | {row['eval_queries']} | {100 * row['teacher_accuracy']:.1f}% | {cell(row['joint'], 'agreement')} | "
                      f"{cell(row['single'], 'agreement')} | {out['ratios']['agreement_joint_over_single'][key]} | "
                      f"{cell(row['joint'], 'accuracy')} | {cell(row['single'], 'accuracy')} |")
-    lines += ["", f"Training wall time: joint {out['joint_train_s']:.0f} s; single "
-              + ", ".join(f"{k} {r['single_train_s']:.0f} s" for k, r in out["tasks"].items()) + ".", ""]
+    lines += ["", "One draw: one training seed per student and one set of eval queries per task (95% Wilson "
+              "intervals); a difference smaller than the intervals is not evidence either way. Agreement is "
+              "with the teacher's answers as served in the run's evaluation.", "",
+              f"Training wall time: joint {out['joint_train_s']:.0f} s; single "
+              + ", ".join(f"{k} {r['single_train_s']:.0f} s" for k, r in out["tasks"].items())
+              + " (the machine was shared with other jobs).", ""]
     return "\n".join(lines)
 
 
