@@ -27,9 +27,11 @@ run a subset (results then go to ``--out``, default the same files).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
@@ -43,13 +45,16 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 SIZES = [10**4, 10**5, 10**6, 10**7]
-PATHS = ["queries", "ledger", "train", "evaluate"]
+PATHS = ["queries-jsonl", "queries-parquet", "queries-dedup", "ledger", "train", "evaluate"]
 # the largest size each part runs at, and why (the md says so too)
 LIMITS = {
+    ("queries-dedup", "jsonl+dedup"): (10**6, "the dedup hash shuffle took 174 s for 10^6 rows here (0.17 ms a row on 2 "
+                                              "cores): 10^7 would take ~30 min of the bench's 40"),
     ("train", "examples"): (10**5, "the tokenizing ExampleBuilder runs on one actor at ~1 ms a sample here: "
                                    "10^6 samples would take ~17 min of the bench's 40"),
     ("train", "epoch"): (10**6, "10^7 examples are ~16 GB in the object store (the examples are materialized)"),
 }
+PATH_MAX = {"queries-dedup": 10**6}  # paths whose every phase is in LIMITS
 CHILD_TIMEOUT_S = 900
 CPUS = 4  # logical CPUs of the local cluster (2 cores): room for 0.5-CPU tasks next to actors
 OBJECT_STORE = 3 << 30
@@ -239,26 +244,20 @@ def result_files(folder: Path, n: int, rows_per_file: int = 1_024) -> Path:
 
 # ---------------------------------------------------------------- the paths (in the child)
 
-def run_queries(n: int, work: Path, s: Sampler, phases: dict[str, Any]) -> dict[str, Any]:
+def run_queries(fmt: str, dedup: bool, n: int, work: Path, s: Sampler, phases: dict[str, Any]) -> dict[str, Any]:
     from raydistill.config import QueriesConfig
     from raydistill.data.queries import read_task_queries
     from raydistill.data.sources import resolve_source
     from raydistill.tasks.pipeline_tasks import RunTask
     from raydistill.tasks.task import load_task
 
-    spec = load_task("langid")
-    counts = {}
-    for fmt in ("jsonl", "parquet"):
-        folder = query_files(work, n, fmt)
-        for dedup in (False, True):
-            name = f"{fmt}{'+dedup' if dedup else ''}"
-            with s.phase(name, phases):
-                cfg = QueriesConfig(train_path=str(folder), eval_path=str(folder), dedup=dedup)
-                task = RunTask("langid", spec, cfg, None, tagged=False)
-                counts[name] = read_task_queries([task], [resolve_source(str(folder))]).count()
-    expected = n - (n - 1) // 10
-    assert all(c == (expected if "dedup" in k else n) for k, c in counts.items()), counts
-    return {"rows_out": counts, "files": max(8, n // 100_000)}
+    folder = query_files(work, n, fmt)
+    with s.phase(f"{fmt}{'+dedup' if dedup else ''}", phases):
+        cfg = QueriesConfig(train_path=str(folder), eval_path=str(folder), dedup=dedup)
+        task = RunTask("langid", load_task("langid"), cfg, None, tagged=False)
+        count = read_task_queries([task], [resolve_source(str(folder))]).count()
+    assert count == (n - (n - 1) // 10 if dedup else n), count
+    return {"rows_out": count, "files": max(8, n // 100_000)}
 
 
 def run_ledger(n: int, work: Path, s: Sampler, phases: dict[str, Any]) -> dict[str, Any]:
@@ -407,7 +406,9 @@ def run_evaluate(n: int, work: Path, s: Sampler, phases: dict[str, Any]) -> dict
             "files": sum(1 for _ in folder.rglob("*.parquet"))}
 
 
-RUNNERS = {"queries": run_queries, "ledger": run_ledger, "train": run_train, "evaluate": run_evaluate}
+RUNNERS = {"queries-jsonl": functools.partial(run_queries, "jsonl", False),
+           "queries-parquet": functools.partial(run_queries, "parquet", False),
+           "queries-dedup": functools.partial(run_queries, "jsonl", True), "ledger": run_ledger, "train": run_train, "evaluate": run_evaluate}
 
 
 def child(path: str, n: int, work: Path, out: Path) -> None:
@@ -540,6 +541,19 @@ def write_md(data: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
+def run_child(path: str, n: int, work: Path, result: Path) -> str | None:
+    """One path at one size in a fresh process (its own session, so a timeout ends its Ray too)."""
+    proc = subprocess.Popen([sys.executable, __file__, "--child", path, str(n), "--work", str(work), "--child-out", str(result)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return f"over {CHILD_TIMEOUT_S} s"
+    return None if proc.returncode == 0 else f"exit {proc.returncode}: {err.strip()[-1500:]}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default=",".join(str(n) for n in SIZES))
@@ -562,12 +576,9 @@ def main() -> None:
         for n in sizes:
             result = work / f"result-{path}-{n}.json"
             t0 = time.time()
-            try:
-                proc = subprocess.run([sys.executable, __file__, "--child", path, str(n), "--work", str(work),
-                                       "--child-out", str(result)], cwd=REPO, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
-                failure = None if proc.returncode == 0 else f"exit {proc.returncode}: {proc.stderr.strip()[-1500:]}"
-            except subprocess.TimeoutExpired:
-                failure = f"over {CHILD_TIMEOUT_S} s"
+            if n > PATH_MAX.get(path, n):
+                continue  # the path's only phase stops below n (LIMITS says why)
+            failure = run_child(path, n, work, result)
             if failure:  # recorded, and the md says so; the other runs go on
                 failed.append({"path": path, "rows": n, "why": failure})
                 print(f"{path:9s} {n:>10,}: FAILED {failure[:300]}", flush=True)  # noqa: T201
