@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "raydistill", *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "raydistill", *args], capture_output=True, text=True, timeout=600,
                           cwd=REPO)
 
 
