@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -58,7 +57,7 @@ from raydistill.serve.openai_api import (
     engine_logprobs,
     error_body,
     models_body,
-    sse,
+    stream_events,
     validation_message,
 )
 from raydistill.serve.routing import EngineRequest, RequestError, Route, plan_completion, plan_request, routes_for
@@ -302,29 +301,16 @@ class Router:
             return self.failed(exc, req.model)
         if "error" in head:
             return refuse(head["error"], head["kind"])
-        writer = ChunkWriter(req.model, chat)
-        choices = plan.params.get("n", 1) * (1 if chat else len(plan.prompts or []))
 
-        async def events() -> AsyncIterator[str]:
-            tokens, offsets = 0, defaultdict[int, int](int)
-            try:
-                if chat:  # OpenAI's first chunk of each choice names the role; ours also carries the prefix
-                    for index in range(choices):
-                        yield sse(writer.delta(index, plan.answer_prefix, role=True))
-                async for d in deltas:
-                    tokens += d["completion_tokens"]
-                    yield sse(writer.delta(d["index"], d["text"], d["finish_reason"], logprobs=d["logprobs"],
-                                           text_offset=offsets[d["index"]]))
-                    offsets[d["index"]] += len(d["text"])
-                if req.include_usage():
-                    yield sse(writer.usage(head["prompt_tokens"], tokens))
-            except Exception as exc:  # noqa: BLE001 - headers are sent: the error goes in the stream
-                status, message = engine_failure(exc, req.model)
-                logger.exception("stream from %s failed", req.model)
-                yield sse(error_body(message, "server_error", status))
-            yield sse("[DONE]")
+        def on_error(exc: BaseException) -> tuple[int, str]:
+            logger.exception("stream from %s failed", req.model)  # the traceback stays in the server log
+            return engine_failure(exc, req.model)
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        events = stream_events(deltas, ChunkWriter(req.model, chat),
+                               choices=plan.params.get("n", 1) * (1 if chat else len(plan.prompts or [])),
+                               prompt_tokens=head["prompt_tokens"], answer_prefix=plan.answer_prefix if chat else "",
+                               include_usage=req.include_usage(), on_error=on_error)
+        return StreamingResponse(events, media_type="text/event-stream")
 
     @staticmethod
     def failed(exc: BaseException, model: str) -> JSONResponse:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -241,6 +243,37 @@ class ChunkWriter:
 def sse(data: dict[str, Any] | str) -> str:
     """One server-sent event."""
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def stream_events(
+    deltas: AsyncIterator[dict[str, Any]], writer: ChunkWriter, *, choices: int, prompt_tokens: int,
+    answer_prefix: str = "", include_usage: bool = False,
+    on_error: Callable[[BaseException], tuple[int, str]],
+) -> AsyncIterator[str]:
+    """The server-sent events of one streamed answer, from the engine's deltas (``index``, ``text``,
+    ``finish_reason``, ``completion_tokens``, ``logprobs``) to ``[DONE]``.
+
+    The HTTP status is sent before the first delta, so an engine that fails mid-stream cannot turn
+    the response into a 5xx: the failure becomes one OpenAI error event (``on_error`` gives its
+    status and one-line message) and the stream still ends with ``[DONE]``, which is what the SDKs
+    wait for. For chat, each choice opens with the role and the forced answer prefix.
+    """
+    tokens, offsets = 0, defaultdict[int, int](int)
+    try:
+        if writer.chat:
+            for index in range(choices):
+                yield sse(writer.delta(index, answer_prefix, role=True))
+        async for d in deltas:
+            tokens += d["completion_tokens"]
+            yield sse(writer.delta(d["index"], d["text"], d["finish_reason"], logprobs=d["logprobs"],
+                                   text_offset=offsets[d["index"]]))
+            offsets[d["index"]] += len(d["text"])
+        if include_usage:
+            yield sse(writer.usage(prompt_tokens, tokens))
+    except Exception as exc:  # noqa: BLE001 - headers are sent: the error goes in the stream
+        status, message = on_error(exc)
+        yield sse(error_body(message, "server_error", status))
+    yield sse("[DONE]")
 
 
 def models_body(names: list[str]) -> dict[str, Any]:

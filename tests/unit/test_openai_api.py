@@ -1,6 +1,7 @@
 """The OpenAI request models and response bodies (pure): what is accepted, what is refused and
 how, and the shapes OpenAI SDKs parse (checked with the SDK's own response types)."""
 
+import asyncio
 import json
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from raydistill.serve.openai_api import (
     completion_body,
     engine_logprobs,
     sse,
+    stream_events,
     validation_message,
 )
 
@@ -108,3 +110,71 @@ def test_server_sent_events_are_data_lines():
     assert sse("[DONE]") == "data: [DONE]\n\n"
     event = sse({"a": "é"})
     assert event.startswith("data: ") and event.endswith("\n\n") and json.loads(event[6:]) == {"a": "é"}
+
+
+def collect(deltas, *, chat=True, n=1, include_usage=False, on_error=lambda exc: (503, "restarting; retry")):
+    async def run():
+        return [e async for e in stream_events(deltas, ChunkWriter("student", chat), choices=n, prompt_tokens=30,
+                                               answer_prefix="This text is written in", include_usage=include_usage,
+                                               on_error=on_error)]
+    events = asyncio.run(run())
+    assert all(e.startswith("data: ") and e.endswith("\n\n") for e in events)
+    return [e[6:-2] if e[6:-2] == "[DONE]" else json.loads(e[6:-2]) for e in events]
+
+
+def delta(index, text, finish=None):
+    return {"index": index, "text": text, "finish_reason": finish, "completion_tokens": 1, "logprobs": None}
+
+
+async def engine(*items):
+    """An engine's delta stream: dicts are yielded, an exception is raised where it stands."""
+    for item in items:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def test_a_stream_opens_each_choice_with_the_prefix_and_ends_with_usage_then_done():
+    events = collect(engine(delta(0, " French"), delta(1, " Greek"), delta(0, ".", "stop"), delta(1, ".", "stop")),
+                     n=2, include_usage=True)
+    chunks = [ChatCompletionChunk.model_validate(e) for e in events[:-1]]
+    assert [(c.choices[0].index, c.choices[0].delta.role) for c in chunks[:2]] == [(0, "assistant"), (1, "assistant")]
+    text = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+            for i in (0, 1)}
+    assert text == {0: "This text is written in French.", 1: "This text is written in Greek."}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4 and chunks[-1].usage.prompt_tokens == 30
+    assert events[-1] == "[DONE]"
+
+
+def test_an_engine_failing_mid_stream_ends_the_stream_with_one_error_event_then_done():
+    seen = []
+
+    def on_error(exc):
+        seen.append(exc)
+        return 503, "model 'student' is restarting after an engine failure; retry the request shortly"
+
+    boom = RuntimeError("EngineDeadError at ray::ServeReplica pid=1234")
+    events = collect(engine(delta(0, " Fre"), boom, delta(0, "nch")), include_usage=True, on_error=on_error)
+    assert seen == [boom]
+    assert ChatCompletionChunk.model_validate(events[1]).choices[0].delta.content == " Fre"  # delivered before it failed
+    assert events[2] == {"error": {"message": "model 'student' is restarting after an engine failure; retry the "
+                                              "request shortly", "type": "server_error", "code": 503}}
+    assert events[3:] == ["[DONE]"]  # no usage chunk and nothing after the failure
+    assert "pid" not in json.dumps(events[2]) and "ray::" not in json.dumps(events[2])
+
+
+def test_a_completion_stream_tracks_text_offsets_per_choice():
+    events = collect(engine(delta(0, "ab"), delta(0, "cd", "stop")), chat=False)
+    assert [e["choices"][0]["text"] for e in events[:-1]] == ["ab", "cd"]  # no role chunk, no prefix
+    assert events[-1] == "[DONE]"
+
+
+def test_engine_failures_are_503_for_a_dead_replica_and_500_otherwise_naming_no_internals():
+    from ray.exceptions import RayActorError
+
+    from raydistill.serve.app import engine_failure
+
+    status, message = engine_failure(RayActorError(error_msg="ray::ServeReplica died pid=99"), "student")
+    assert status == 503 and "retry" in message and "pid" not in message and "ray::" not in message
+    status, message = engine_failure(ValueError("secret internals"), "teacher")
+    assert status == 500 and "ValueError" in message and "secret" not in message
