@@ -1,13 +1,16 @@
 """The Parquet contract of every artifact, in one place.
 
-Stages check the columns they need with ``require_columns`` and fail with an error that names
-what is missing, before any expensive work starts.
+Stages check the columns they read with ``require_columns`` and fail with an error that names
+what is missing, before any expensive work starts. Each Ray Data UDF declares the columns it
+reads (a ``*_COLUMNS`` tuple next to it) and checks every batch with ``check_batch``, so a
+pipeline wired to the wrong input fails naming the column, not with a KeyError inside a worker.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -66,11 +69,20 @@ EVAL_RESULTS = pa.schema(
 )
 
 
-def require_columns(available: Iterable[str], schema: pa.Schema, what: str, fix: str) -> None:
-    """Raise DataError naming every column of ``schema`` missing from ``available``."""
-    missing = [name for name in schema.names if name not in set(available)]
+def require_columns(available: Iterable[str], needed: pa.Schema | Iterable[str], what: str, fix: str) -> None:
+    """Raise DataError naming every column of ``needed`` (a schema or names) missing from ``available``."""
+    have = set(available)
+    names = needed.names if isinstance(needed, pa.Schema) else list(needed)
+    missing = [name for name in names if name not in have]
     if missing:
         raise DataError(f"{what} is missing column(s) {missing}; {fix}")
+
+
+def check_batch(batch: Mapping[str, Any], needed: Iterable[str], udf: str) -> None:
+    """A Ray Data UDF's input contract: raise DataError naming the columns ``udf`` reads that
+    ``batch`` lacks, and the columns it has (the usual cause is a stage wired to the wrong input)."""
+    require_columns(batch.keys(), needed, f"the input of {udf} (columns {sorted(batch.keys())})",
+                    "it reads only the columns named; check the stage that produced it")
 
 
 def parquet_files(folder: str | Path) -> list[str]:

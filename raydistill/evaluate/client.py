@@ -9,12 +9,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from raydistill.schema import EVAL_RESULTS
+from raydistill.schema import EVAL_RESULTS, check_batch
 from raydistill.tasks.task import TaskSpec
+
+QUERY_COLUMNS = ("id", "task", "text", "gold")  # what expand_systems reads (schema.check_batch)
+TRAFFIC_COLUMNS = ("id", "task", "query", "gold", "system")  # what ChatClient reads
 
 
 def expand_systems(batch: dict[str, np.ndarray], systems: list[str]) -> dict[str, list[Any]]:
     """One query row → one row per system under evaluation (pure)."""
+    check_batch(batch, QUERY_COLUMNS, "evaluate's traffic builder")
     out: dict[str, list[Any]] = {"id": [], "task": [], "query": [], "gold": [], "system": []}
     for qid, key, text, gold in zip(batch["id"], batch["task"], batch["text"], batch["gold"]):
         for system in systems:
@@ -62,6 +66,7 @@ class ChatClient:
                 "num_input_tokens": usage.get("prompt_tokens"), "num_output_tokens": usage.get("completion_tokens")}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        check_batch(batch, TRAFFIC_COLUMNS, "evaluate's chat client")
         # several tasks: each is its own model name ("student/<tag>"), the tag added server-side
         models = [f"{s}/{k}" if self.tagged else str(s) for s, k in zip(batch["system"], batch["task"])]
         results = list(self.pool.map(self._one, models, batch["query"]))

@@ -9,6 +9,7 @@ import numpy as np
 
 from raydistill.ids import hash_bucket
 from raydistill.render import render_completion, render_prompt
+from raydistill.schema import check_batch
 from raydistill.tasks.pipeline_tasks import repeats
 from raydistill.tasks.task import TaskSpec
 
@@ -68,6 +69,18 @@ def build_soft_example(
     }
 
 
+# The samples columns the example builder reads; ``task`` and ``sample_index`` are optional
+# (samples written before several tasks existed have neither).
+EXAMPLE_COLUMNS = ("id", "query", "label", "response")
+SOFT_COLUMNS = ("token_ids", "top_token_ids", "top_logprobs")
+OPTIONAL_COLUMNS = ("task", "sample_index")
+
+
+def example_columns(soft: bool) -> tuple[str, ...]:
+    """The samples columns training needs (``valid`` filters them before the builder sees them)."""
+    return ("valid", *EXAMPLE_COLUMNS, *(SOFT_COLUMNS if soft else ()))
+
+
 def build_examples_batch(
     batch: dict[str, np.ndarray], *, tokenizer: Any, tasks: dict[str, TaskSpec], target: str, max_seq_len: int,
     val_fraction: float = 0.0, soft: bool = False, factors: dict[str, float] | None = None,
@@ -76,6 +89,7 @@ def build_examples_batch(
     student format; rows too long for ``max_seq_len`` are dropped. With ``soft``, the teacher's
     top-k logprobs come along. ``factors`` (task → copies, see ``pipeline_tasks.task_factors``)
     re-weights the tasks in the training split; the validation split is left as it is."""
+    check_batch(batch, (*EXAMPLE_COLUMNS, *(SOFT_COLUMNS if soft else ())), "the training example builder")
     cols: dict[str, list[Any]] = {k: [] for k in ("id", "task", "input_ids", "labels", "val", "soft_pos", "soft_ids", "soft_logprobs")}
     keys = batch["task"] if "task" in batch else [None] * len(batch["id"])
     for i, (qid, key, query, label, response) in enumerate(

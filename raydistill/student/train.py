@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raydistill.config import PipelineConfig
@@ -27,8 +28,8 @@ from raydistill.models import resolve_model
 from raydistill.outputs import check_output, staged_output
 from raydistill.progress import Progress, last_step
 from raydistill.runtime import init_ray
-from raydistill.schema import SAMPLES, parquet_files, require_columns
-from raydistill.student.examples import build_examples_batch
+from raydistill.schema import parquet_files, require_columns
+from raydistill.student.examples import OPTIONAL_COLUMNS, build_examples_batch, example_columns
 from raydistill.student.loop import MLFLOW_EXPERIMENT, train_loop_per_worker
 from raydistill.student.loop_config import LoopConfig
 from raydistill.tasks.pipeline_tasks import run_tasks, specs_by_key, task_factors
@@ -65,9 +66,16 @@ def check_samples(samples_dir: Path, tasks: list[str], *, soft: bool = False) ->
     if not samples_dir.is_dir() or not any(samples_dir.glob("*.parquet")):
         raise DataError(f"no teacher samples under {str(samples_dir)!r}; run `raydistill generate` first")
     schema = pq.read_schema(next(samples_dir.glob("*.parquet")))
-    require_columns(schema.names, SAMPLES, f"samples in {str(samples_dir)!r}", "regenerate them with `raydistill generate`")
+    # only what training reads: samples from another tool need not carry generate's bookkeeping
+    require_columns(schema.names, example_columns(soft), f"samples in {str(samples_dir)!r}",
+                    "regenerate them with `raydistill generate`")
     found: dict[str | None, int] = {}
-    for batch in _batches(samples_dir, ["task", "valid"]):
+    if "task" not in schema.names:  # samples of one task, from before tasks (or from another tool)
+        if len(tasks) > 1:
+            raise DataError(f"samples in {str(samples_dir)!r} have no task column, and the config lists "
+                            f"{len(tasks)} tasks; regenerate them with `raydistill generate --overwrite`")
+        found[tasks[0]] = sum(int(pc.sum(b.column(0)).as_py() or 0) for b in _batches(samples_dir, ["valid"]))
+    for batch in _batches(samples_dir, ["task", "valid"]) if "task" in schema.names else ():
         for r in pa.Table.from_batches([batch]).group_by("task").aggregate([("valid", "sum")]).to_pylist():
             found[r["task"]] = found.get(r["task"], 0) + int(r["valid_sum"] or 0)
     if sum(found.values()) == 0:
@@ -234,7 +242,7 @@ def example_datasets(cfg: PipelineConfig, samples_dir: Path, model_path: str, ta
     from ray.data.expressions import col
 
     examples = (
-        ray.data.read_parquet(parquet_files(samples_dir))
+        ray.data.read_parquet(parquet_files(samples_dir), columns=training_columns(samples_dir, cfg.train.kl_weight > 0))
         .filter(expr=col("valid") == True)  # noqa: E712 - an expression, not a Python comparison
         .map_batches(
             ExampleBuilder,
@@ -253,6 +261,13 @@ def example_datasets(cfg: PipelineConfig, samples_dir: Path, model_path: str, ta
     if n_examples == 0:
         raise DataError(f"no valid sample fits train.max_seq_len={cfg.train.max_seq_len} tokens; raise train.max_seq_len")
     return train_ds, val_ds, n_examples, n_val
+
+
+def training_columns(samples_dir: Path, soft: bool) -> list[str]:
+    """The samples columns training reads (the logprob lists only for soft targets): the rest of
+    the samples, often most of their bytes, is never read from disk."""
+    present = set(pq.read_schema(parquet_files(samples_dir)[0]).names)
+    return [*example_columns(soft), *(c for c in OPTIONAL_COLUMNS if c in present)]
 
 
 def log_plan(cfg: PipelineConfig, plan: dict[str, int], n_valid: int, n_examples: int, n_val: int) -> None:

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from raydistill.config import TeacherConfig
 from raydistill.render import render_prompt
-from raydistill.schema import SAMPLES
+from raydistill.schema import SAMPLES, check_batch
 from raydistill.tasks.task import REJECT_ENGINE, TaskSpec
 
 
@@ -69,12 +69,19 @@ def is_done(key: str, done: np.ndarray | None) -> bool:
     return i < len(done) and done[i] == h
 
 
+# The columns each UDF of generate reads (schema.check_batch enforces them per batch).
+REQUEST_COLUMNS = ("id", "task", "text", "gold")
+# (the engine adds generated_text; it is read only for rows without an engine error)
+OUTPUT_COLUMNS = ("id", "task", "query", "gold", "sample_index")
+
+
 def build_requests(
     batch: dict[str, np.ndarray], tokenizer: Any, tasks: dict[str, TaskSpec], cfg: TeacherConfig,
     done: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Query rows → request rows, each query wrapped in its own task's target prompt (so the
     engine's prefix cache holds one prefix per task)."""
+    check_batch(batch, REQUEST_COLUMNS, "the teacher's request builder")
     out: dict[str, list[Any]] = {k: [] for k in ("id", "task", "query", "gold", "sample_index", "prompt", "sampling_params")}
     for qid, key, text, gold in zip(batch["id"], batch["task"], batch["text"], batch["gold"]):
         todo = [k for k in range(cfg.samples_per_query) if not is_done(sample_key(str(qid), k), done)]
@@ -96,6 +103,7 @@ def build_requests(
 def parse_outputs(batch: dict[str, np.ndarray], *, tasks: dict[str, TaskSpec], teacher_model: str, top_k: int = 0) -> pa.Table:
     """Engine output rows → SAMPLES table: parse each response with its task's parser; engine
     errors become rejects."""
+    check_batch(batch, OUTPUT_COLUMNS, "the teacher's output parser")
     n = len(batch["id"])
     errors = batch.get("__inference_error__", np.array([""] * n, dtype=object))
     cols: dict[str, list[Any]] = {name: [] for name in SAMPLES.names}
