@@ -13,7 +13,12 @@ samples and labels the eval split with it (plain vLLM, greedy, the student's ser
 * recipe table at ``--recipe-size`` queries: label target vs the raw response vs KL on the
   teacher's top-5 (weight 0.5), and the student's system prompt (the chat template's default,
   to compare with the response row, whose task sets "none"); and 4 samples per query at temperature 1 (label target) on ``--k4-size`` queries,
-  to compare with the curve's point of that size.
+  to compare with the curve's point of that size;
+* teacher stability (``--stability-orders``): the teacher's own answers on the eval split when only
+  the order of its demonstrations changes (plain vLLM, greedy, the same rendering as ``generate``),
+  against its answers in ``generate``. The unshuffled prompt is the control (it measures engine
+  noise). A student cannot be expected to copy the teacher more faithfully than the teacher copies
+  itself under a change that should not matter.
 
 Each row reports agreement with the teacher and student accuracy with 95% Wilson intervals
 (eval split, ``n`` queries), and wall time (the teacher's share prorated by queries, plus
@@ -88,6 +93,50 @@ def grow_teacher(samples: Path, n_queries: int) -> None:
     samples.rename(samples.with_name(f".{samples.name}.partial"))
 
 
+def teacher_stability(model: str, task: Any, queries: list[str], ids: list[str], teacher: dict[str, dict],
+                      dtype: str, orders: int, work: Path) -> list[dict[str, Any]]:
+    """The teacher against itself: its eval answers with the demonstrations in ``orders`` shuffled
+    orders (plus the original order as the control), scored like a student against ``generate``'s."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from raydistill.render import render_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    rows = []
+    for seed in range(orders + 1):  # seed 0: the prompt as written
+        run = work / f"teacher-order-{seed}"
+        run.mkdir(parents=True, exist_ok=True)
+        if (run / "row.json").is_file():
+            rows.append(json.loads((run / "row.json").read_text()))
+            continue
+        demos = list(task.demonstrations)
+        if seed:
+            random.Random(seed).shuffle(demos)
+        variant = task.model_copy(update={"demonstrations": demos})
+        prompts = [render_prompt(tokenizer, variant.teacher_messages(q), variant.assistant_prefix) for q in queries]
+        answers = label_prompts(model, dtype, prompts, run)
+        result = {"name": "prompt as written (control)" if seed == 0 else f"demonstrations shuffled (seed {seed})",
+                  "seed": seed, **score(teacher, answers, ids, task)}
+        (run / "row.json").write_text(json.dumps(result, indent=2))
+        print(f"teacher order {seed}: {result}", flush=True)
+        rows.append(result)
+    return rows
+
+
+def label_prompts(model: str, dtype: str, prompts: list[str], work: Path) -> list[str]:
+    """Greedy answers to rendered prompts from plain vLLM in a child process (a clean engine each time)."""
+    prompts_file, out_file = work / "prompts.json", work / "answers.json"
+    prompts_file.write_text(json.dumps(prompts))
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-c", LABEL_CHILD, model, dtype, str(prompts_file), str(out_file)],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"labelling failed: {proc.stderr[-2000:]}")
+    return json.loads(out_file.read_text())
+
+
 def student_labels(model_dir: Path, task: Any, queries: list[str], dtype: str, work: Path) -> list[str]:
     from transformers import AutoTokenizer
 
@@ -95,14 +144,7 @@ def student_labels(model_dir: Path, task: Any, queries: list[str], dtype: str, w
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = [render_prompt(tokenizer, task.student_messages(q)) for q in queries]
-    prompts_file, out_file = work / "prompts.json", work / "answers.json"
-    prompts_file.write_text(json.dumps(prompts))
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "-c", LABEL_CHILD, str(model_dir), dtype, str(prompts_file), str(out_file)],
-                          capture_output=True, text=True, env=env, timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"student labelling failed: {proc.stderr[-2000:]}")
-    return json.loads(out_file.read_text())
+    return label_prompts(str(model_dir), dtype, prompts, work)
 
 
 def score(teacher: dict[str, dict], student_answers: list[str], ids: list[str], task: Any) -> dict[str, Any]:
@@ -136,6 +178,8 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
                         help="sizes for a second curve with the demo's recipe (response target, default system message)")
     parser.add_argument("--capacity", default="mlp-lora,full",
                         help="student-capacity rows at --recipe-size with the demo's recipe: LoRA on the MLP too, full FT")
+    parser.add_argument("--stability-orders", type=int, default=3,
+                        help="shuffled demonstration orders for the teacher-stability rows (0: none)")
     parser.add_argument("--work", default="runs/distill-bench")
     parser.add_argument("--demo-run", default=None, help="a finished `raydistill demo` run to quote in ratios")
     parser.add_argument("--quote-only", action="store_true",
@@ -251,13 +295,20 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
                           "full": ["train.method=full", "train.learning_rate=1e-4"]}
     capacity_rows = [row(f"{c}-{n}", n, [*demo_recipe, *capacity_overrides[c]], samples, per_query_s) for c in capacity]
 
+    stability = []
+    if args.stability_orders and task.demonstrations:
+        from raydistill.models import resolve_model
+
+        stability = teacher_stability(resolve_model(base.teacher.model), task, queries, ids, teacher,
+                                      engine_dtype(base.teacher.dtype, "cpu"), args.stability_orders, work)
+
     out = {
         "command": "python bench/distill_bench.py " + " ".join(sys.argv[1:]),
         "config": str(CONFIG.relative_to(REPO)), "task": task.name, "eval_queries": n_eval,
         "teacher": {"eval_accuracy": round(teacher_acc, 4), "seconds_per_query": round(per_query_s, 3),
                     "eval_parse_rate": round(sum(teacher[i]["valid"] for i in ids) / n_eval, 4)},
         "min_example_passes": MIN_EXAMPLE_PASSES, "learning_curve": curve, "recipes": recipe_rows,
-        "recipe_curve": recipe_curve, "capacity": capacity_rows, "timings": timings,
+        "recipe_curve": recipe_curve, "capacity": capacity_rows, "teacher_stability": stability, "timings": timings,
     }
     if args.demo_run:
         out.update(quote_demo(Path(args.demo_run)))
@@ -335,6 +386,14 @@ def render_markdown(out: dict[str, Any]) -> str:
         lines += ["## Student capacity (the demo's recipe)", "", *table(out["capacity"]), "",
                   "mlp-lora: LoRA rank 16 on the attention and MLP projections (the demo: attention only); "
                   "full: every weight trained (learning rate 1e-4).", ""]
+    if out.get("teacher_stability"):
+        lines += ["## Teacher stability: the teacher against itself", "",
+                  "The teacher's eval answers when only the order of its demonstrations changes, scored against "
+                  "its answers in `generate` exactly as the students are. The control renders the prompt as written.",
+                  "", "| prompt | agreement with the teacher [95% CI] | accuracy [95% CI] | parse |", "|---|---|---|---:|"]
+        lines += [f"| {r['name']} | {pct(r['agreement'])} {ci(r['agreement_ci95'])} | {pct(r['student_accuracy'])} "
+                  f"{ci(r['student_accuracy_ci95'])} | {pct(r['student_parse_rate'])} |" for r in out["teacher_stability"]]
+        lines += [""]
     if out.get("notes"):
         lines += ["", out["notes"]]
     if out.get("ratios"):
