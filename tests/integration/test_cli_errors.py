@@ -1,7 +1,15 @@
-"""Bad input through the real CLI: one-line error naming problem and fix, exit 2, no run dir."""
+"""Bad input through the real CLI: one-line error naming problem and fix, exit 2, no run dir.
+
+Refusals that come before Ray starts call the CLI's ``main`` in this process (the console script
+and ``python -m raydistill`` call the same function; a fresh interpreter per case cost ~10 s of
+imports each); one case per failure family also runs as its own process, and every case that
+starts Ray does.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -9,14 +17,24 @@ from pathlib import Path
 import pytest
 import yaml
 
+from raydistill.cli import main
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_process(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "raydistill", *args], capture_output=True, text=True, timeout=600,
                           cwd=REPO)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``raydistill ARGS`` in this process: its exit code and what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(REPO), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(["raydistill", *args], code, out.getvalue(), err.getvalue())
 
 
 def config(tmp_path: Path, **overrides) -> Path:
@@ -45,8 +63,9 @@ def assert_clean_failure(proc: subprocess.CompletedProcess, tmp_path: Path, *nee
     assert not (tmp_path / "run").exists()
 
 
-def test_missing_config(tmp_path):
-    proc = run_cli("generate", str(tmp_path / "nope.yaml"))
+@pytest.mark.parametrize("run", [run_cli, run_process], ids=["in-process", "process"])
+def test_missing_config(tmp_path, run):
+    proc = run("generate", str(tmp_path / "nope.yaml"))
     assert_clean_failure(proc, tmp_path, "not found", "pipeline YAML")
 
 
@@ -111,7 +130,7 @@ def test_undecodable_bytes_deep_in_a_file(tmp_path, tiny_model):
     (tmp_path / "q.txt").write_bytes(b"hello there\nbonjour\n" + b"caf\xe9 au lait\n" * 3)
     cfg = config(tmp_path, queries={"train_path": str(tmp_path / "q.txt"), "eval_path": str(tmp_path / "q.txt")},
                  teacher={"model": tiny_model, "dtype": "float32", "enforce_eager": True})
-    assert_clean_failure(run_cli("generate", str(cfg)), tmp_path, "not UTF-8", "q.txt", "re-encode", ray_logs=True)
+    assert_clean_failure(run_process("generate", str(cfg)), tmp_path, "not UTF-8", "q.txt", "re-encode", ray_logs=True)
 
 
 def test_interrupted_output_needs_resume_or_overwrite(tmp_path):
@@ -165,7 +184,7 @@ def test_bad_training_input_fails_before_training(tmp_path, tiny_model, case, tr
         write_samples(run, valid=case != "no_valid_rows")
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     cfg = config(tmp_path, train={"student_model": tiny_model, **train})
-    proc = run_cli("train", str(cfg))
+    proc = (run_process if case == "no_valid_rows" else run_cli)("train", str(cfg))  # one as its own process
     assert proc.returncode == 2, proc.stderr[-2000:]
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("raydistill: error:")]
     assert len(error_lines) == 1, proc.stderr[-2000:]
