@@ -12,8 +12,8 @@ samples and labels the eval split with it (plain vLLM, greedy, the student's ser
 * learning curve: the number of teacher-labelled queries (``--sizes``), label target;
 * recipe table at ``--recipe-size`` queries: label target vs the raw response vs KL on the
   teacher's top-5 (weight 0.5), and the student's system prompt (the chat template's default,
-  to compare with the response row, whose task sets "none"); and 4 samples per query at temperature 1 (label target) on ``--k4-size`` queries,
-  to compare with the curve's point of that size;
+  to compare with the response row, whose task sets "none"); and 4 samples per query at temperature 1
+  (the demo's recipe otherwise) on ``--k4-size`` queries, to compare with the curve's point of that size;
 * teacher stability (``--stability-orders``): the teacher's own answers on the eval split when only
   the order of its demonstrations changes (plain vLLM, greedy, the same rendering as ``generate``),
   against its answers in ``generate``. The unshuffled prompt is the control (it measures engine
@@ -123,6 +123,25 @@ def teacher_stability(model: str, task: Any, queries: list[str], ids: list[str],
         print(f"teacher order {seed}: {result}", flush=True)
         rows.append(result)
     return rows
+
+
+def stability_split(work: Path, rows: list[dict[str, Any]], stability: list[dict[str, Any]], teacher: dict[str, dict],
+                    ids: list[str], task: Any) -> dict[str, Any]:
+    """Split each row's agreement by whether the teacher's answer to the query survives every
+    reordering of its demonstrations (stable) or changes under at least one (unstable)."""
+    orders = [[task.parse(a).label for a in json.loads((work / f"teacher-order-{r['seed']}" / "answers.json").read_text())]
+              for r in stability if r["seed"]]
+    unstable = [any(o[i] != teacher[q]["label"] for o in orders) for i, q in enumerate(ids)]
+    split: dict[str, Any] = {"unstable_queries": sum(unstable), "queries": len(ids), "rows": {}}
+    for row in rows:
+        answers = json.loads((work / row["name"] / "answers.json").read_text())
+        agrees = [task.parse(a).label == teacher[q]["label"] for a, q in zip(answers, ids)]
+        split["rows"][row["name"]] = {
+            "agree_where_stable": sum(a for a, u in zip(agrees, unstable) if not u),
+            "agree_where_unstable": sum(a for a, u in zip(agrees, unstable) if u),
+            "disagreements_on_unstable": sum(not a and u for a, u in zip(agrees, unstable)),
+            "disagreements": sum(not a for a in agrees)}
+    return split
 
 
 def label_prompts(model: str, dtype: str, prompts: list[str], work: Path) -> list[str]:
@@ -295,12 +314,14 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
                           "full": ["train.method=full", "train.learning_rate=1e-4"]}
     capacity_rows = [row(f"{c}-{n}", n, [*demo_recipe, *capacity_overrides[c]], samples, per_query_s) for c in capacity]
 
-    stability = []
+    stability: list[dict[str, Any]] = []
+    split: dict[str, Any] = {}
     if args.stability_orders and task.demonstrations:
         from raydistill.models import resolve_model
 
         stability = teacher_stability(resolve_model(base.teacher.model), task, queries, ids, teacher,
                                       engine_dtype(base.teacher.dtype, "cpu"), args.stability_orders, work)
+        split = stability_split(work, recipe_curve, stability, teacher, ids, task)
 
     out = {
         "command": "python bench/distill_bench.py " + " ".join(sys.argv[1:]),
@@ -308,7 +329,8 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
         "teacher": {"eval_accuracy": round(teacher_acc, 4), "seconds_per_query": round(per_query_s, 3),
                     "eval_parse_rate": round(sum(teacher[i]["valid"] for i in ids) / n_eval, 4)},
         "min_example_passes": MIN_EXAMPLE_PASSES, "learning_curve": curve, "recipes": recipe_rows,
-        "recipe_curve": recipe_curve, "capacity": capacity_rows, "teacher_stability": stability, "timings": timings,
+        "recipe_curve": recipe_curve, "capacity": capacity_rows, "teacher_stability": stability,
+        "stability_split": split, "timings": timings,
     }
     if args.demo_run:
         out.update(quote_demo(Path(args.demo_run)))
@@ -393,6 +415,24 @@ def render_markdown(out: dict[str, Any]) -> str:
                   "", "| prompt | agreement with the teacher [95% CI] | accuracy [95% CI] | parse |", "|---|---|---|---:|"]
         lines += [f"| {r['name']} | {pct(r['agreement'])} {ci(r['agreement_ci95'])} | {pct(r['student_accuracy'])} "
                   f"{ci(r['student_accuracy_ci95'])} | {pct(r['student_parse_rate'])} |" for r in out["teacher_stability"]]
+        shuffled = [r["agreement"] for r in out["teacher_stability"] if r["seed"]]
+        students = [r["agreement"] for r in out.get("recipe_curve", [])]
+        if shuffled and students:
+            lines += ["", f"Reordering its own demonstrations changes {pct(1 - max(shuffled))}–{pct(1 - min(shuffled))} of the "
+                      f"teacher's answers (agreement {pct(min(shuffled))}–{pct(max(shuffled))}, mean "
+                      f"{pct(sum(shuffled) / len(shuffled))}); the demo recipe's students agree with it on "
+                      f"{pct(min(students))}–{pct(max(students))}. The answers a student misses are largely ones the "
+                      "teacher itself does not hold to under a change that should not matter:"]
+        split = out.get("stability_split")
+        if split:
+            n_u, n = split["unstable_queries"], split["queries"]
+            lines += ["", f"{n_u} of {n} eval queries get a different teacher answer under at least one reordering.", "",
+                      "| row | agreement where the teacher is stable | where it is not | disagreements on unstable queries |",
+                      "|---|---|---|---|"]
+            for name, r in split["rows"].items():
+                lines.append(f"| {name} | {r['agree_where_stable']}/{n - n_u} ({pct(r['agree_where_stable'] / (n - n_u))}) | "
+                             f"{r['agree_where_unstable']}/{n_u} ({pct(r['agree_where_unstable'] / n_u)}) | "
+                             f"{r['disagreements_on_unstable']} of {r['disagreements']} |")
         lines += [""]
     if out.get("notes"):
         lines += ["", out["notes"]]
