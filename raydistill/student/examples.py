@@ -76,9 +76,14 @@ SOFT_COLUMNS = ("token_ids", "top_token_ids", "top_logprobs")
 OPTIONAL_COLUMNS = ("task", "sample_index")
 
 
+def builder_columns(soft: bool) -> tuple[str, ...]:
+    """The columns ``build_examples_batch`` reads."""
+    return (*EXAMPLE_COLUMNS, *(SOFT_COLUMNS if soft else ()))
+
+
 def example_columns(soft: bool) -> tuple[str, ...]:
     """The samples columns training needs (``valid`` filters them before the builder sees them)."""
-    return ("valid", *EXAMPLE_COLUMNS, *(SOFT_COLUMNS if soft else ()))
+    return ("valid", *builder_columns(soft))
 
 
 def build_examples_batch(
@@ -89,7 +94,7 @@ def build_examples_batch(
     student format; rows too long for ``max_seq_len`` are dropped. With ``soft``, the teacher's
     top-k logprobs come along. ``factors`` (task → copies, see ``pipeline_tasks.task_factors``)
     re-weights the tasks in the training split; the validation split is left as it is."""
-    check_batch(batch, (*EXAMPLE_COLUMNS, *(SOFT_COLUMNS if soft else ())), "the training example builder")
+    check_batch(batch, builder_columns(soft), "the training example builder")
     cols: dict[str, list[Any]] = {k: [] for k in ("id", "task", "input_ids", "labels", "val", "soft_pos", "soft_ids", "soft_logprobs")}
     keys = batch["task"] if "task" in batch else [None] * len(batch["id"])
     for i, (qid, key, query, label, response) in enumerate(

@@ -70,14 +70,15 @@ def check_samples(samples_dir: Path, tasks: list[str], *, soft: bool = False) ->
     require_columns(schema.names, example_columns(soft), f"samples in {str(samples_dir)!r}",
                     "regenerate them with `raydistill generate`")
     found: dict[str | None, int] = {}
-    if "task" not in schema.names:  # samples of one task, from before tasks (or from another tool)
-        if len(tasks) > 1:
-            raise DataError(f"samples in {str(samples_dir)!r} have no task column, and the config lists "
-                            f"{len(tasks)} tasks; regenerate them with `raydistill generate --overwrite`")
+    if "task" in schema.names:
+        for batch in _batches(samples_dir, ["task", "valid"]):
+            for r in pa.Table.from_batches([batch]).group_by("task").aggregate([("valid", "sum")]).to_pylist():
+                found[r["task"]] = found.get(r["task"], 0) + int(r["valid_sum"] or 0)
+    elif len(tasks) > 1:  # samples of one task, from before tasks existed (or from another tool)
+        raise DataError(f"samples in {str(samples_dir)!r} have no task column, and the config lists "
+                        f"{len(tasks)} tasks; regenerate them with `raydistill generate --overwrite`")
+    else:
         found[tasks[0]] = sum(int(pc.sum(b.column(0)).as_py() or 0) for b in _batches(samples_dir, ["valid"]))
-    for batch in _batches(samples_dir, ["task", "valid"]) if "task" in schema.names else ():
-        for r in pa.Table.from_batches([batch]).group_by("task").aggregate([("valid", "sum")]).to_pylist():
-            found[r["task"]] = found.get(r["task"], 0) + int(r["valid_sum"] or 0)
     if sum(found.values()) == 0:
         raise DataError(f"samples in {str(samples_dir)!r} hold no valid rows; check the teacher prompt/parser (see the generate manifest)")
     if soft and all(b.column(0).null_count == b.num_rows for b in _batches(samples_dir, ["token_ids"])):
