@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raydistill.data.builtin import LABEL_LANGUAGES, build_langid_demo
-from raydistill.data.queries import normalize_batch, text_id
+from raydistill.data.queries import first_row_per_id, normalize_batch, text_id
 from raydistill.data.sources import check_columns, explain_read_failure, resolve_source
 from raydistill.errors import DataError
 
@@ -27,6 +27,14 @@ def test_normalize_hashes_when_no_id_column():
 def test_normalize_names_missing_text_column():
     with pytest.raises(DataError, match=r"no column 'text'.*queries.text_column"):
         normalize_batch(pa.table({"prompt": ["x"]}), text_column="text", id_column=None, gold_column=None, source="s")
+
+
+def test_first_row_per_id_keeps_each_ids_first_row_in_block_order():
+    block = pa.table({"id": ["b", "a", "b", "c", "a", "b"], "text": ["1", "2", "3", "4", "5", "6"]})
+    out = first_row_per_id(block)
+    assert out.to_pydict() == {"id": ["b", "a", "c"], "text": ["1", "2", "4"]}
+    assert out.schema == block.schema
+    assert first_row_per_id(block.slice(0, 0)).num_rows == 0
 
 
 def test_resolve_errors(tmp_path):
