@@ -144,6 +144,9 @@ class TrainConfig(_Section):
     epochs: int = Field(1, ge=1, description="Passes over the training examples.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (smoke runs).")
     max_seq_len: int = Field(256, ge=8, description="Longest example in tokens (prompt + answer); longer ones are dropped.")
+    tokenizer_actors: int | None = Field(
+        None, ge=1, description="Most Ray Data actors tokenizing samples into examples (the pool grows from 1 while "
+                                "samples queue up); default one per 8 CPUs of the cluster.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute each layer's activations in backward: ~1/3 more compute, activation memory of one layer."
     )

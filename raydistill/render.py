@@ -15,9 +15,11 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]], assistant_pref
     return text + assistant_prefix
 
 
-def render_completion(tokenizer: Any, messages: list[dict[str, str]], answer: str) -> str:
-    """The text the chat template puts after the generation prompt for ``answer`` (incl. end of turn)."""
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def render_completion(tokenizer: Any, messages: list[dict[str, str]], answer: str, prompt: str | None = None) -> str:
+    """The text the chat template puts after the generation prompt for ``answer`` (incl. end of turn).
+    ``prompt``: ``render_prompt(tokenizer, messages)`` where the caller has it already."""
+    if prompt is None:
+        prompt = render_prompt(tokenizer, messages)
     full = tokenizer.apply_chat_template(
         [*messages, {"role": "assistant", "content": answer}], tokenize=False, add_generation_prompt=False
     )

@@ -28,11 +28,25 @@ def build_example(tokenizer: Any, messages: list[dict[str, str]], answer: str, m
     """input_ids + labels (-100 on prompt tokens), or None if longer than ``max_seq_len``.
 
     ``messages`` is the student's chat (``TaskSpec.student_messages``): the bare query."""
-    prompt_ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(render_completion(tokenizer, messages, answer), add_special_tokens=False)["input_ids"]
-    if len(prompt_ids) + len(answer_ids) > max_seq_len:
-        return None
-    return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
+    return build_examples(tokenizer, [messages], [answer], max_seq_len)[0]
+
+
+def build_examples(tokenizer: Any, chats: list[list[dict[str, str]]], answers: list[str],
+                   max_seq_len: int) -> list[dict[str, list[int]] | None]:
+    """``build_example`` for many chats: the texts are rendered one by one, then tokenized in two
+    batched calls, which a fast tokenizer runs in parallel (one call per text was half the
+    builder's time, bench/results/scale.md)."""
+    prompts = [render_prompt(tokenizer, messages) for messages in chats]
+    completions = [render_completion(tokenizer, messages, answer, prompt)
+                   for messages, answer, prompt in zip(chats, answers, prompts)]
+    if not prompts:
+        return []
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    return [
+        None if len(p) + len(a) > max_seq_len else {"input_ids": p + a, "labels": [IGNORE_INDEX] * len(p) + a}
+        for p, a in zip(prompt_ids, answer_ids)
+    ]
 
 
 def build_soft_example(
@@ -96,18 +110,18 @@ def build_examples_batch(
     re-weights the tasks in the training split; the validation split is left as it is."""
     check_batch(batch, builder_columns(soft), "the training example builder")
     cols: dict[str, list[Any]] = {k: [] for k in ("id", "task", "input_ids", "labels", "val", "soft_pos", "soft_ids", "soft_logprobs")}
-    keys = batch["task"] if "task" in batch else [None] * len(batch["id"])
-    for i, (qid, key, query, label, response) in enumerate(
-            zip(batch["id"], keys, batch["query"], batch["label"], batch["response"])):
-        key = str(key) if key is not None else next(iter(tasks))  # samples of one task, written before tasks existed
-        task = tasks[key]
-        messages = task.student_messages(str(query))
-        if soft:
-            example = build_soft_example(tokenizer, messages, task.assistant_prefix, list(batch["token_ids"][i]),
-                                         list(batch["top_token_ids"][i]), list(batch["top_logprobs"][i]), max_seq_len)
-        else:
-            answer = task.target_text(label, response or "", target)  # type: ignore[arg-type]
-            example = build_example(tokenizer, messages, answer, max_seq_len)
+    # samples of one task, written before tasks existed, have no task column
+    keys = [str(k) if k is not None else next(iter(tasks)) for k in (batch["task"] if "task" in batch else [None] * len(batch["id"]))]
+    chats = [tasks[key].student_messages(str(query)) for key, query in zip(keys, batch["query"])]
+    if soft:
+        examples = [build_soft_example(tokenizer, messages, tasks[key].assistant_prefix, list(batch["token_ids"][i]),
+                                       list(batch["top_token_ids"][i]), list(batch["top_logprobs"][i]), max_seq_len)
+                    for i, (key, messages) in enumerate(zip(keys, chats))]
+    else:
+        answers = [tasks[key].target_text(label, response or "", target)  # type: ignore[arg-type]
+                   for key, label, response in zip(keys, batch["label"], batch["response"])]
+        examples = build_examples(tokenizer, chats, answers, max_seq_len)
+    for i, (qid, key, example) in enumerate(zip(batch["id"], keys, examples)):
         if example is None:
             continue
         val = is_validation(str(qid), val_fraction)
