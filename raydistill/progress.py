@@ -107,5 +107,23 @@ def quiet_ray_driver() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     for name in ("ray", "ray.data", "ray.serve", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    # "progress bars disabled" is what we asked for; the records come from a child logger
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    quiet_driver_notices()
+
+
+# Notices a user of the demo cannot act on, by the logger that writes them. Levels are set on
+# these loggers themselves: each ray.init (Ray Data LLM calls it again) resets the "ray" logger.
+DRIVER_NOTICES = {
+    "ray.data._internal.progress": logging.ERROR,  # "progress bars disabled": what we asked for
+    "ray._private.worker": logging.WARNING,  # "Connecting to existing Ray cluster", "Calling ray.init() again"
+    "ray._private.authentication": logging.ERROR,  # token auth on a cluster we started on loopback
+    "ray.llm": logging.WARNING,  # "No cloud storage mirror configured"
+    "vllm.triton_utils": logging.ERROR,  # Triton has no CPU backend (and GPUs do not need telling)
+}
+
+
+def quiet_driver_notices() -> None:
+    """Drop DRIVER_NOTICES from the terminal (``-v`` keeps them); called before and after ray.init."""
+    if verbose():
+        return
+    for name, level in DRIVER_NOTICES.items():
+        logging.getLogger(name).setLevel(level)

@@ -8,7 +8,7 @@ from typing import Any
 
 from raydistill.config import ClusterConfig
 from raydistill.engine import CPU_ENGINE_ENV
-from raydistill.progress import quiet_ray_driver, verbose
+from raydistill.progress import quiet_driver_notices, quiet_ray_driver, verbose
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ def init_ray(cluster: ClusterConfig) -> Any:
     # Quiet by default: the workers' output (vLLM, DeepSpeed, Ray Train) stays in Ray's log files
     # instead of flooding the terminal; the stages log their own progress. `-v` streams it all.
     log_to_driver = verbose()
+    quiet_driver_notices()
     if address:
         logger.info("connecting to Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=log_to_driver)

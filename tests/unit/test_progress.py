@@ -4,6 +4,7 @@ import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from raydistill.progress import duration, format_line, last_step, parquet_rows
 
@@ -36,3 +37,42 @@ def test_last_step_reads_the_newest_logged_step(tmp_path):
 
 def test_durations_read_at_a_glance():
     assert [duration(s) for s in (45, 128, 11_100)] == ["45s", "2m08s", "3h05m"]
+
+
+
+@pytest.fixture
+def notice_loggers():
+    """DRIVER_NOTICES' loggers at NOTSET for the test, their levels put back after it."""
+    import logging
+
+    from raydistill.progress import DRIVER_NOTICES
+
+    saved = {name: logging.getLogger(name).level for name in DRIVER_NOTICES}
+    for name in saved:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    yield
+    for name, level in saved.items():
+        logging.getLogger(name).setLevel(level)
+
+
+@pytest.mark.parametrize("verbose", ["", "1"])
+def test_driver_notices_are_dropped_unless_verbose(monkeypatch, notice_loggers, verbose):
+    import logging
+
+    from raydistill.progress import DRIVER_NOTICES, VERBOSE_ENV, quiet_driver_notices
+
+    monkeypatch.setenv(VERBOSE_ENV, verbose)
+    root_level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.DEBUG)
+    try:
+        quiet_driver_notices()
+        # a record from below the named logger (the module that writes the notice) is what counts
+        token = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        worker = logging.getLogger("ray._private.worker")
+        if verbose:
+            assert all(logging.getLogger(name).level == logging.NOTSET for name in DRIVER_NOTICES)
+        else:
+            assert not token.isEnabledFor(logging.WARNING) and not worker.isEnabledFor(logging.INFO)
+            assert worker.isEnabledFor(logging.WARNING)  # real warnings still show
+    finally:
+        logging.getLogger().setLevel(root_level)
