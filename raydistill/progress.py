@@ -127,3 +127,8 @@ def quiet_driver_notices() -> None:
         return
     for name, level in DRIVER_NOTICES.items():
         logging.getLogger(name).setLevel(level)
+    # Ray LLM gives each of its module loggers a console handler at INFO of its own, unless the
+    # "ray.llm" logger has a handler: with one there, its records keep to the level set above.
+    llm = logging.getLogger("ray.llm")
+    if not llm.handlers:
+        llm.addHandler(logging.NullHandler())

@@ -48,11 +48,13 @@ def notice_loggers():
     from raydistill.progress import DRIVER_NOTICES
 
     saved = {name: logging.getLogger(name).level for name in DRIVER_NOTICES}
+    llm_handlers = list(logging.getLogger("ray.llm").handlers)
     for name in saved:
         logging.getLogger(name).setLevel(logging.NOTSET)
     yield
     for name, level in saved.items():
         logging.getLogger(name).setLevel(level)
+    logging.getLogger("ray.llm").handlers = llm_handlers
 
 
 @pytest.mark.parametrize("verbose", ["", "1"])
@@ -69,10 +71,14 @@ def test_driver_notices_are_dropped_unless_verbose(monkeypatch, notice_loggers, 
         # a record from below the named logger (the module that writes the notice) is what counts
         token = logging.getLogger("ray._private.authentication.authentication_token_setup")
         worker = logging.getLogger("ray._private.worker")
+        from ray.llm._internal.common.observability.logging import get_logger
+
+        llm = get_logger(f"raydistill.test.notices{verbose}")  # as a Ray LLM module does at import
         if verbose:
             assert all(logging.getLogger(name).level == logging.NOTSET for name in DRIVER_NOTICES)
         else:
             assert not token.isEnabledFor(logging.WARNING) and not worker.isEnabledFor(logging.INFO)
+            assert not llm.isEnabledFor(logging.INFO) and not llm.handlers  # "No cloud storage mirror configured"
             assert worker.isEnabledFor(logging.WARNING)  # real warnings still show
     finally:
         logging.getLogger().setLevel(root_level)
