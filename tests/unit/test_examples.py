@@ -55,3 +55,14 @@ def test_bucket_batches_group_similar_lengths_and_drop_tail():
     assert len(batches) == 2  # 9 rows -> two full batches, the longest row dropped
     groups = sorted(sorted(len(x) for x in b["input_ids"]) for b in batches)
     assert groups == [[1, 2, 3, 4], [5, 6, 7, 8]]
+
+
+def test_tokenizer_pool_is_as_configured_else_one_actor_per_8_cluster_cpus(monkeypatch):
+    import ray
+
+    from raydistill.student.train import tokenizer_actors
+
+    for cpus, expected in ((2.0, 1), (4.0, 1), (16.0, 2), (192.0, 24)):
+        monkeypatch.setattr(ray, "cluster_resources", lambda cpus=cpus: {"CPU": cpus})
+        assert tokenizer_actors(None) == expected
+    assert tokenizer_actors(3) == 3
