@@ -41,7 +41,9 @@ demo: setup
 test: setup system-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(NETNS) $(PY) -m pytest -q tests
+	# one worker per core, up to 4 (tests/conftest.py); a file's tests share its fixtures, so each
+	# file stays on one worker: the four real-engine scenarios run side by side
+	$(NETNS) $(PY) -m pytest -q -n auto --dist loadfile --durations=10 tests
 
 lint: setup
 	$(VENV)/bin/ruff check .

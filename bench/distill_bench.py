@@ -192,7 +192,8 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
     parser.add_argument("--recipe-size", type=int, default=300)
     parser.add_argument("--k4-size", type=int, default=100, help="queries for the 4-samples row (compare label-<n>)")
     parser.add_argument("--recipes", default="response,kl,k4,system-default",
-                        help="recipe rows at --recipe-size besides the label-target curve point")
+                        help="recipe rows at --recipe-size besides the label-target curve point "
+                             "(also: kl-default, the demo's recipe plus the KL term)")
     parser.add_argument("--recipe-curve", default="300,1000",
                         help="sizes for a second curve with the demo's recipe (response target, default system message)")
     parser.add_argument("--capacity", default="mlp-lora,full",
@@ -200,14 +201,17 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
     parser.add_argument("--stability-orders", type=int, default=3,
                         help="shuffled demonstration orders for the teacher-stability rows (0: none)")
     parser.add_argument("--work", default="runs/distill-bench")
+    parser.add_argument("--results", default=str(RESULTS),
+                        help="folder for distill.{json,md}: elsewhere for a partial run (a row or two) that should "
+                             "not replace the committed results")
     parser.add_argument("--demo-run", default=None, help="a finished `raydistill demo` run to quote in ratios")
     parser.add_argument("--quote-only", action="store_true",
                         help="with --demo-run: only put that run's numbers into the existing results")
     args = parser.parse_args()
     if args.quote_only:
-        out = json.loads((RESULTS / "distill.json").read_text())
+        out = json.loads((Path(args.results) / "distill.json").read_text())
         out.update(quote_demo(Path(args.demo_run)))
-        write_results(out)
+        write_results(out, Path(args.results))
         return
     sizes = sorted(int(s) for s in args.sizes.split(","))
     recipes = [r for r in args.recipes.split(",") if r]
@@ -300,6 +304,10 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
         k_per_query = k_manifest["counts"]["wall_s"] / max(1, k_manifest["counts"]["queries"])
         timings["teacher_k4_s"] = time.time() - t
         recipe_rows.append(row(f"k4-{args.k4_size}", args.k4_size, [], work / "teacher-k4" / "samples", k_per_query))
+    demo_recipe = ["train.target=response", "task.student_system_prompt=default"]
+    if "kl-default" in recipes:  # the two best single changes together
+        recipe_rows.append(row(f"kl-default-{n}", n, [*demo_recipe, "train.kl_weight=0.5", "teacher.logprobs=5"],
+                               samples, per_query_s))
     if "system-default" in recipes:  # the student's system message: none (an empty turn) vs the template's default
         for choice in ("none", "default"):
             recipe_rows.append(row(f"system-{choice}-{n}", n, ["train.target=response", f"task.student_system_prompt={choice}"],
@@ -307,7 +315,6 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
 
     # The demo's recipe (what jobs/configs/demo_cpu.yaml trains) over the number of queries, and
     # with more student capacity: where does agreement reach 90%?
-    demo_recipe = ["train.target=response", "task.student_system_prompt=default"]
     recipe_curve = [row(f"system-default-{n}", n, demo_recipe, samples, per_query_s) for n in recipe_sizes]
     all_linear = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
     capacity_overrides = {"mlp-lora": [f"train.lora_target_modules={all_linear}"],
@@ -334,10 +341,11 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
     }
     if args.demo_run:
         out.update(quote_demo(Path(args.demo_run)))
-    previous = json.loads((RESULTS / "distill.json").read_text()) if (RESULTS / "distill.json").is_file() else {}
+    results = Path(args.results)
+    previous = json.loads((results / "distill.json").read_text()) if (results / "distill.json").is_file() else {}
     if "ratios" not in out and "ratios" in previous:  # keep the demo's numbers when only the bench re-ran
         out["ratios"], out["ratios_source"] = previous["ratios"], previous.get("ratios_source")
-    write_results(out)
+    write_results(out, results)
 
 
 def quote_demo(run: Path) -> dict[str, Any]:
@@ -347,10 +355,10 @@ def quote_demo(run: Path) -> dict[str, Any]:
             "ratios_source": f"{run}/eval/_manifest.json (raydistill demo at git {manifest.get('git_revision', '?')})"}
 
 
-def write_results(out: dict[str, Any]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "distill.json").write_text(json.dumps(out, indent=2) + "\n")
-    (RESULTS / "distill.md").write_text(render_markdown(out))
+def write_results(out: dict[str, Any], folder: Path = RESULTS) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "distill.json").write_text(json.dumps(out, indent=2) + "\n")
+    (folder / "distill.md").write_text(render_markdown(out))
     print(render_markdown(out), flush=True)
 
 

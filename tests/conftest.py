@@ -12,6 +12,14 @@ REPO = Path(__file__).resolve().parents[1]
 SMOLLM2_TOKENIZER = REPO / "tests" / "data" / "smollm2-tokenizer"
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook; plain pytest (a GPU box) runs without it
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (make test): one worker per core, at most 4. The suite's length is its four
+    real-engine scenarios (a module each, kept on one worker by --dist loadfile); a fifth worker
+    would find nothing long to run, and each idle one still imports torch."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     from transformers import AutoTokenizer

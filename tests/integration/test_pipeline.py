@@ -74,6 +74,9 @@ def ray_head(tmp: Path):
     head = subprocess.Popen(
         [f"{venv_bin}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
          "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         # the job agent's own port: its default (52365) is taken by any other Ray on the machine,
+         # e.g. another test file's under pytest -n, and a head without its agent refuses every job
+         f"--dashboard-agent-listen-port={free_port()}",
          "--disable-usage-stats"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
@@ -109,6 +112,7 @@ def finished_run(tiny_model, tmp_path_factory):
             ["ray", "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", ".",
              "--runtime-env", "jobs/runtime_env_cpu.yaml", "--", "python", "-m", "jobs.run", str(config)],
             capture_output=True, text=True, timeout=1500, cwd=REPO, env=env)
+        assert proc.returncode == 0, f"ray job submit: exit {proc.returncode}: {proc.stdout[-4000:]} {proc.stderr[-4000:]}"
         with mock.patch.dict(os.environ, {"RAY_AUTH_MODE": "disabled"}):
             status = JobSubmissionClient(address).get_job_status(job_id)
         assert status == JobStatus.SUCCEEDED, f"{status}: {proc.stdout[-4000:]} {proc.stderr[-2000:]}"
@@ -181,8 +185,9 @@ def test_eval_results_report_and_table(finished_run):
 
 
 @pytest.fixture(scope="module")
-def served(finished_run):
-    """`raydistill serve` on the finished run, as a user starts it; stopped with Ctrl-C (SIGINT)."""
+def serve_process(finished_run):
+    """`raydistill serve` on the finished run, as a user starts it; stopped with Ctrl-C (SIGINT).
+    Yields its URL and process: the Ray it starts runs under that process."""
     import requests
 
     run, _, _ = finished_run
@@ -202,13 +207,18 @@ def served(finished_run):
                 pass
             assert time.time() < deadline, "serve did not become healthy"
             time.sleep(3)
-        yield url
+        yield url, proc
     finally:
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def served(serve_process) -> str:
+    return serve_process[0]
 
 
 def test_serve_openai_api_and_bad_requests(served):
@@ -380,16 +390,18 @@ def test_merged_student_answers_the_same_in_vllm_and_transformers(finished_run):
                 ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
 
 
-def test_a_killed_engine_gives_503_then_serving_resumes(served):
+def test_a_killed_engine_gives_503_then_serving_resumes(serve_process):
     """SIGKILL the student replica's vLLM engine process: requests get a clean 503 while Serve
     replaces the replica (its health check fails), then 200 again. Runs last: it restarts a replica."""
     import psutil
     import requests
 
+    served, proc = serve_process
     chat = served + "/v1/chat/completions"
     body = {"model": "student", "messages": [{"role": "user", "content": "Hallo"}], "max_tokens": 2}
-    replica = next(p for p in psutil.process_iter(["cmdline"])
-                   if any("ServeReplica:raydistill:model-student" in part for part in p.info["cmdline"] or []))
+    # this server's own replica: other test files may be serving at the same time (pytest -n)
+    replica = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "ServeReplica:raydistill:model-student" in " ".join(p.cmdline()))
     engines = [c for c in replica.children(recursive=True) if "VLLM" in " ".join(c.cmdline())]
     assert engines, "no vLLM process under the student replica"
     for engine in engines:  # processes of the engine this test's server started
