@@ -287,9 +287,12 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
         return result
 
     samples = work / "teacher" / "samples"
-    curve = [row(f"label-{n}", n, [], samples, per_query_s) for n in sizes]
+    # label rows pin their recipe: the demo config's own (response target, default system message)
+    # is another row, and a label row left to the config silently became a copy of it
+    label_recipe = ["train.target=label", "task.student_system_prompt=none"]
+    curve = [row(f"label-{n}", n, label_recipe, samples, per_query_s) for n in sizes]
     recipe_rows = [next((r for r in curve if r["queries"] == args.recipe_size), None)
-                   or row(f"label-{args.recipe_size}", args.recipe_size, [], samples, per_query_s)]
+                   or row(f"label-{args.recipe_size}", args.recipe_size, label_recipe, samples, per_query_s)]
     n = args.recipe_size
     if "response" in recipes:
         recipe_rows.append(row(f"response-{n}", n, ["train.target=response"], samples, per_query_s))
