@@ -193,7 +193,8 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
     parser.add_argument("--k4-size", type=int, default=100, help="queries for the 4-samples row (compare label-<n>)")
     parser.add_argument("--recipes", default="response,kl,k4,system-default",
                         help="recipe rows at --recipe-size besides the label-target curve point "
-                             "(also: kl-default, the demo's recipe plus the KL term)")
+                             "(also: kl-default, the demo's recipe plus the KL term; epochs2 / epochs3, "
+                             "the demo's recipe with 2 or 3 passes)")
     parser.add_argument("--recipe-curve", default="300,1000",
                         help="sizes for a second curve with the demo's recipe (response target, default system message)")
     parser.add_argument("--capacity", default="mlp-lora,full",
@@ -277,7 +278,7 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
         student_task = task_for(cfg.task)  # the student's chat as it was trained
         answers = student_labels(run / "student" / "merged", student_task, queries,
                                  engine_dtype(cfg.serve.dtype, "cpu"), run)
-        result = {"name": name, "queries": n_queries, "samples": rows_n, "epochs": epochs,
+        result = {"name": name, "queries": n_queries, "samples": rows_n, "epochs": cfg.train.epochs,
                   "target": cfg.train.target, "student_system_prompt": student_task.student_system_prompt,
                   **score(teacher, answers, ids, student_task), "teacher_s": round(n_queries * sampled_s_per_query, 1),
                   "train_s": round(train_s, 1), "overrides": overrides}
@@ -311,6 +312,10 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
     if "kl-default" in recipes:  # the two best single changes together
         recipe_rows.append(row(f"kl-default-{n}", n, [*demo_recipe, "train.kl_weight=0.5", "teacher.logprobs=5"],
                                samples, per_query_s))
+    for passes in (2, 3):  # the demo's recipe, more passes over the same labels
+        if f"epochs{passes}" in recipes:
+            recipe_rows.append(row(f"epochs{passes}-default-{n}", n, [*demo_recipe, f"train.epochs={passes}"],
+                                   samples, per_query_s))
     if "system-default" in recipes:  # the student's system message: none (an empty turn) vs the template's default
         for choice in ("none", "default"):
             recipe_rows.append(row(f"system-{choice}-{n}", n, ["train.target=response", f"task.student_system_prompt={choice}"],
