@@ -17,7 +17,8 @@ def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto` (make test): one worker per core, at most 4. The suite's length is its four
     real-engine scenarios (a module each, kept on one worker by --dist loadfile); a fifth worker
     would find nothing long to run, and each idle one still imports torch."""
-    return max(1, min(4, len(os.sched_getaffinity(0))))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS: no affinity
+    return max(1, min(4, cores))
 
 
 @pytest.fixture(scope="session")
