@@ -144,6 +144,29 @@ def stability_split(work: Path, rows: list[dict[str, Any]], stability: list[dict
     return split
 
 
+def by_label(work: Path, row: dict[str, Any], stability: list[dict[str, Any]], teacher: dict[str, dict],
+             ids: list[str], task: Any) -> list[dict[str, Any]]:
+    """Per gold label: how often the teacher is right, how often its answer survives every
+    reordering, how often ``row``'s student agrees, and what the teacher answers: where the
+    disagreements come from, and whether the teacher's answers there follow from the query."""
+    from collections import Counter
+
+    orders = [[task.parse(a).label for a in json.loads((work / f"teacher-order-{r['seed']}" / "answers.json").read_text())]
+              for r in stability if r["seed"]]
+    student = [task.parse(a).label for a in json.loads((work / row["name"] / "answers.json").read_text())]
+    out: dict[str, dict[str, Any]] = {}
+    for i, q in enumerate(ids):
+        t = teacher[q]
+        c = out.setdefault(t["gold"], {"label": t["gold"], "n": 0, "teacher_right": 0, "teacher_stable": 0, "agree": 0,
+                                       "teacher_says": Counter()})
+        c["n"] += 1
+        c["teacher_right"] += t["label"] == t["gold"]
+        c["teacher_stable"] += all(o[i] == t["label"] for o in orders)
+        c["agree"] += student[i] == t["label"]
+        c["teacher_says"][(t.get("response") or "").strip().rstrip(".")[:24] or "(nothing)"] += 1
+    return [{**c, "teacher_says": dict(c["teacher_says"].most_common())} for _, c in sorted(out.items())]
+
+
 def label_prompts(model: str, dtype: str, prompts: list[str], work: Path) -> list[str]:
     """Greedy answers to rendered prompts from plain vLLM in a child process (a clean engine each time)."""
     prompts_file, out_file = work / "prompts.json", work / "answers.json"
@@ -331,12 +354,14 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
 
     stability: list[dict[str, Any]] = []
     split: dict[str, Any] = {}
+    per_label: list[dict[str, Any]] = []
     if args.stability_orders and task.demonstrations:
         from raydistill.models import resolve_model
 
         stability = teacher_stability(resolve_model(base.teacher.model), task, queries, ids, teacher,
                                       engine_dtype(base.teacher.dtype, "cpu"), args.stability_orders, work)
         split = stability_split(work, recipe_curve, stability, teacher, ids, task)
+        per_label = by_label(work, recipe_curve[0], stability, teacher, ids, task) if recipe_curve else []
 
     out = {
         "command": "python bench/distill_bench.py " + " ".join(sys.argv[1:]),
@@ -345,7 +370,8 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
                     "eval_parse_rate": round(sum(teacher[i]["valid"] for i in ids) / n_eval, 4)},
         "min_example_passes": MIN_EXAMPLE_PASSES, "learning_curve": curve, "recipes": recipe_rows,
         "recipe_curve": recipe_curve, "capacity": capacity_rows, "teacher_stability": stability,
-        "stability_split": split, "timings": timings,
+        "stability_split": split, "by_label": per_label,
+        "by_label_row": recipe_curve[0]["name"] if per_label else None, "timings": timings,
     }
     if args.demo_run:
         out.update(quote_demo(Path(args.demo_run)))
@@ -449,6 +475,27 @@ def render_markdown(out: dict[str, Any]) -> str:
                 lines.append(f"| {name} | {r['agree_where_stable']}/{n - n_u} ({pct(r['agree_where_stable'] / (n - n_u))}) | "
                              f"{r['agree_where_unstable']}/{n_u} ({pct(r['agree_where_unstable'] / n_u)}) | "
                              f"{r['disagreements_on_unstable']} of {r['disagreements']} |")
+        lines += [""]
+    if out.get("by_label"):
+        name = out.get("by_label_row") or out["recipe_curve"][0]["name"]
+        lines += [f"## Where agreement is lost, by language ({name})", "",
+                  "Per gold label of the eval split: the teacher's accuracy, how many of its answers survive every "
+                  "reordering of its demonstrations, the student's agreement with it, and what the teacher answers.", "",
+                  "| label | queries | teacher right | teacher stable | student agrees | the teacher says |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for r in out["by_label"]:
+            says = ", ".join(f"{k} {v}" for k, v in r["teacher_says"].items())
+            lines.append(f"| {r['label']} | {r['n']} | {r['teacher_right']} | {r['teacher_stable']} | {r['agree']} | {says} |")
+        worst = [r for r in sorted(out["by_label"], key=lambda r: r["agree"] - r["n"]) if r["agree"] < r["n"]][:3]
+        lost = sum(r["n"] - r["agree"] for r in out["by_label"])
+        lines += ["", f"{sum(r['n'] - r['agree'] for r in worst)} of the {lost} disagreements are on "
+                  + ", ".join(f"`{r['label']}`" for r in worst) + ": labels where the teacher splits its answers "
+                  "between names (the table's last column), a split the bare query does not decide."]
+        copied = [r for r in out["by_label"] if r["teacher_right"] < r["n"] / 2 and r["agree"] >= 0.9 * r["n"]]
+        if copied:
+            lines += ["A mistake the teacher makes every time is copied: "
+                      + ", ".join(f"`{r['label']}` (teacher right {r['teacher_right']}/{r['n']}, student agrees "
+                                  f"{r['agree']}/{r['n']})" for r in copied) + "."]
         lines += [""]
     if out.get("notes"):
         lines += ["", out["notes"]]

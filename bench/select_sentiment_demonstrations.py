@@ -79,7 +79,7 @@ def main() -> None:
     rows = []
 
     def run(name: str, t: TaskSpec, template: str, demos: list[dict] | None = None) -> None:
-        result = score(llm, tokenizer, t, dev, 6)
+        result = {k: v for k, v in score(llm, tokenizer, t, dev, 6).items() if k != "labels"}
         rows.append({"prompt": name, "template": template, **result, **({"demonstrations": demos} if demos else {})})
         print(f"{name}: {result}", flush=True)
 
