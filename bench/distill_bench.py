@@ -82,6 +82,33 @@ def subset_samples(source: Path, target: Path, n_queries: int) -> int:
     return len(ids)
 
 
+def margin_subset(source: Path, target: Path, n_queries: int, pool: int) -> int:
+    """``n_queries`` of the first ``pool`` queries: half of them the ones the teacher was least sure
+    of (the smallest gap between the log-probabilities of its two likeliest first answer tokens),
+    the rest the same fixed pseudo-random choice as ``subset_samples`` makes. More of the boundary
+    the student has to copy, without losing the easy cases; labelling is cheaper than training."""
+    import math
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raydistill.schema import parquet_files
+
+    table = pq.read_table(parquet_files(source))
+    ids = sorted(set(table["id"].to_pylist()), key=stable_order)[:pool]
+    in_pool, margins = set(ids), {}
+    for r in table.select(["id", "top_logprobs"]).to_pylist():
+        first = (r["top_logprobs"] or [[]])[0]
+        gap = first[0] - first[1] if len(first) > 1 else math.inf
+        if r["id"] in in_pool:
+            margins[r["id"]] = min(margins.get(r["id"], math.inf), gap)
+    unsure = set(sorted(ids, key=lambda i: margins[i])[: n_queries // 2])
+    keep = unsure | set([i for i in ids if i not in unsure][: n_queries - len(unsure)])
+    target.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.filter(pa.array([i in keep for i in table["id"].to_pylist()])), target / "part-0.parquet")
+    return len(keep)
+
+
 def grow_teacher(samples: Path, n_queries: int) -> None:
     """A finished teacher run with fewer than ``n_queries`` queries becomes an interrupted one, so
     ``generate --resume`` labels only the missing queries (``teacher.max_rows`` takes the first
@@ -217,11 +244,15 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
     parser.add_argument("--recipes", default="response,kl,k4,system-default",
                         help="recipe rows at --recipe-size besides the label-target curve point "
                              "(also: kl-default, the demo's recipe plus the KL term; epochs2 / epochs3, "
-                             "the demo's recipe with 2 or 3 passes)")
+                             "the demo's recipe with 2 or 3 passes; margin, the demo's recipe on queries picked "
+                             "by the teacher's uncertainty, see --margin-pool)")
     parser.add_argument("--recipe-curve", default="300,1000",
                         help="sizes for a second curve with the demo's recipe (response target, default system message)")
     parser.add_argument("--capacity", default="mlp-lora,full",
                         help="student-capacity rows at --recipe-size with the demo's recipe: LoRA on the MLP too, full FT")
+    parser.add_argument("--margin-pool", type=int, default=1000,
+                        help="--recipes margin: queries labelled, of which --recipe-size are trained on (half the "
+                             "teacher's least sure, half random)")
     parser.add_argument("--stability-orders", type=int, default=3,
                         help="shuffled demonstration orders for the teacher-stability rows (0: none)")
     parser.add_argument("--work", default="runs/distill-bench")
@@ -253,7 +284,7 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
     base = load_config(CONFIG)
     recipe_sizes = sorted(int(s) for s in args.recipe_curve.split(",") if s)
     capacity = [c for c in args.capacity.split(",") if c]
-    n_teacher = max([*sizes, *recipe_sizes, args.recipe_size])
+    n_teacher = max([*sizes, *recipe_sizes, args.recipe_size, *([args.margin_pool] if "margin" in recipes else [])])
     common = [f"run_dir={work}/teacher", "train.checkpoint_every=0", "train.val_fraction=0.0"]
 
     def stage_config(extra: list[str]):
@@ -339,6 +370,11 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
         if f"epochs{passes}" in recipes:
             recipe_rows.append(row(f"epochs{passes}-default-{n}", n, [*demo_recipe, f"train.epochs={passes}"],
                                    samples, per_query_s))
+    if "margin" in recipes:  # the demo's recipe on the queries the teacher was least sure of, half of them
+        name = f"margin-{n}-of-{args.margin_pool}"
+        if not (work / name / "samples").exists():
+            margin_subset(samples, work / name / "samples", n, args.margin_pool)
+        recipe_rows.append(row(name, n, demo_recipe, samples, per_query_s * args.margin_pool / n))
     if "system-default" in recipes:  # the student's system message: none (an empty turn) vs the template's default
         for choice in ("none", "default"):
             recipe_rows.append(row(f"system-{choice}-{n}", n, ["train.target=response", f"task.student_system_prompt={choice}"],

@@ -49,3 +49,25 @@ def test_by_label_counts_teacher_stability_and_agreement(tmp_path):
     assert "| zh | 2 | 1 | 1 | 1 | English 1, Chinese 1 |" in text
     assert "1 of the 1 disagreements are on `zh`:" in text
     assert "copied: `ur` (teacher right 0/1, student agrees 1/1)" in text
+
+
+def test_margin_subset_takes_the_least_sure_half_and_a_fixed_rest(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bench = load_bench()
+    gaps = {"a": 5.0, "b": 0.1, "c": 3.0, "d": 0.2, "e": 4.0, "f": 0.05, "g": 6.0}
+    rows = [{"id": i, "top_logprobs": [[-0.1, -0.1 - g], [-0.01, -5.0]]} for i, g in gaps.items()]
+    source = tmp_path / "samples"
+    source.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), source / "part-0.parquet")
+    pool = sorted(gaps, key=bench.stable_order)[:6]  # the first six in the bench's fixed order
+
+    n = bench.margin_subset(source, tmp_path / "picked", 4, pool=6)
+
+    picked = set(pq.read_table(tmp_path / "picked" / "part-0.parquet")["id"].to_pylist())
+    unsure = set(sorted(pool, key=gaps.get)[:2])
+    assert n == 4 and len(picked) == 4
+    assert unsure <= picked  # the two smallest gaps in the pool
+    assert picked <= set(pool)  # nothing outside the pool
+    assert picked - unsure == set([i for i in pool if i not in unsure][:2])  # the rest: the fixed order's first
