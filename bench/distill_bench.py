@@ -244,7 +244,7 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
     parser.add_argument("--recipes", default="response,kl,k4,system-default",
                         help="recipe rows at --recipe-size besides the label-target curve point "
                              "(also: kl-default, the demo's recipe plus the KL term; epochs2 / epochs3, "
-                             "the demo's recipe with 2 or 3 passes; margin, the demo's recipe on queries picked "
+                             "the demo's recipe with 2 or 3 passes; seeds, the demo's recipe with train.seed 1, 2, 3; margin, the demo's recipe on queries picked "
                              "by the teacher's uncertainty, see --margin-pool)")
     parser.add_argument("--recipe-curve", default="300,1000",
                         help="sizes for a second curve with the demo's recipe (response target, default system message)")
@@ -370,6 +370,9 @@ def main() -> None:  # noqa: PLR0915 - a linear script: setup, teacher, rows, wr
         if f"epochs{passes}" in recipes:
             recipe_rows.append(row(f"epochs{passes}-default-{n}", n, [*demo_recipe, f"train.epochs={passes}"],
                                    samples, per_query_s))
+    if "seeds" in recipes:  # the demo's recipe again with other seeds (data order, LoRA init): the training draw's noise
+        for seed in (1, 2, 3):
+            recipe_rows.append(row(f"seed{seed}-default-{n}", n, [*demo_recipe, f"train.seed={seed}"], samples, per_query_s))
     if "margin" in recipes:  # the demo's recipe on the queries the teacher was least sure of, half of them
         name = f"margin-{n}-of-{args.margin_pool}"
         if not (work / name / "samples").exists():
