@@ -69,17 +69,27 @@ def stable_order(query_id: str) -> str:
 
 def subset_samples(source: Path, target: Path, n_queries: int) -> int:
     """The samples of ``n_queries`` queries (a fixed pseudo-random choice, the same for every row)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from raydistill.schema import parquet_files
 
     table = pq.read_table(parquet_files(source))
-    ids = sorted(set(table["id"].to_pylist()), key=stable_order)[:n_queries]
-    keep = pa.array([i in set(ids) for i in table["id"].to_pylist()])
+    return write_queries(table, set(fixed_order(table)[:n_queries]), target)
+
+
+def fixed_order(table) -> list[str]:
+    """The table's query ids in the bench's fixed pseudo-random order (every row draws from it)."""
+    return sorted(set(table["id"].to_pylist()), key=stable_order)
+
+
+def write_queries(table, keep: set[str], target: Path) -> int:
+    """The samples of the queries in ``keep``, as one Parquet file in ``target``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     target.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table.filter(keep), target / "part-0.parquet")
-    return len(ids)
+    pq.write_table(table.filter(pa.array([i in keep for i in table["id"].to_pylist()])), target / "part-0.parquet")
+    return len(keep)
 
 
 def margin_subset(source: Path, target: Path, n_queries: int, pool: int) -> int:
@@ -89,13 +99,12 @@ def margin_subset(source: Path, target: Path, n_queries: int, pool: int) -> int:
     the student has to copy, without losing the easy cases; labelling is cheaper than training."""
     import math
 
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from raydistill.schema import parquet_files
 
     table = pq.read_table(parquet_files(source))
-    ids = sorted(set(table["id"].to_pylist()), key=stable_order)[:pool]
+    ids = fixed_order(table)[:pool]
     in_pool, margins = set(ids), {}
     for r in table.select(["id", "top_logprobs"]).to_pylist():
         first = (r["top_logprobs"] or [[]])[0]
@@ -103,10 +112,7 @@ def margin_subset(source: Path, target: Path, n_queries: int, pool: int) -> int:
         if r["id"] in in_pool:
             margins[r["id"]] = min(margins.get(r["id"], math.inf), gap)
     unsure = set(sorted(ids, key=lambda i: margins[i])[: n_queries // 2])
-    keep = unsure | set([i for i in ids if i not in unsure][: n_queries - len(unsure)])
-    target.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table.filter(pa.array([i in keep for i in table["id"].to_pylist()])), target / "part-0.parquet")
-    return len(keep)
+    return write_queries(table, unsure | set([i for i in ids if i not in unsure][: n_queries - len(unsure)]), target)
 
 
 def grow_teacher(samples: Path, n_queries: int) -> None:

@@ -75,8 +75,9 @@ def draw_demonstrations(pool: list[dict], task, rng: random.Random) -> list[dict
     return [{"query": r["text"], "answer": f"{prefix} {task.labels[r['gold']]}.", "label": r["gold"]} for r in chosen]
 
 
-def answer(llm, tokenizer, task, dev: list[dict], max_tokens: int) -> tuple[list[Any], float]:
-    """The teacher's parsed answers on ``dev`` (greedy) and the seconds they took."""
+def score(llm, tokenizer, task, dev: list[dict], max_tokens: int) -> dict:
+    """Greedy answers on ``dev``: accuracy, parse rate, the prompt's size, speed, and each answer's
+    label (``labels``, kept out of the results files by ``public``)."""
     from vllm import SamplingParams
 
     from raydistill.render import render_prompt
@@ -84,13 +85,8 @@ def answer(llm, tokenizer, task, dev: list[dict], max_tokens: int) -> tuple[list
     prompts = [render_prompt(tokenizer, task.teacher_messages(r["text"]), task.assistant_prefix) for r in dev]
     started = time.time()
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
-    return [task.parse(o.outputs[0].text) for o in outs], time.time() - started
-
-
-def score(llm, tokenizer, task, dev: list[dict], max_tokens: int) -> dict:
-    from raydistill.render import render_prompt
-
-    parsed, wall = answer(llm, tokenizer, task, dev, max_tokens)
+    wall = time.time() - started
+    parsed = [task.parse(o.outputs[0].text) for o in outs]
     correct = sum(p.label == r["gold"] for p, r in zip(parsed, dev))
     prefix_tokens = len(tokenizer(render_prompt(tokenizer, task.teacher_messages("")), add_special_tokens=False)["input_ids"])
     return {"accuracy": round(correct / len(dev), 4), "parse_rate": round(sum(p.valid for p in parsed) / len(dev), 4),
@@ -98,22 +94,28 @@ def score(llm, tokenizer, task, dev: list[dict], max_tokens: int) -> dict:
             "labels": [p.label for p in parsed]}
 
 
-def reordered(task, demos: list[dict], seed: int):
-    """``task`` with ``demos`` in another (seeded) order: a change that should not matter to the answers."""
+def public(result: dict) -> dict:
+    """A result without its per-query fields, for printing and the results files."""
+    return {k: v for k, v in result.items() if k not in ("labels", "demonstrations")}
+
+
+def with_demonstrations(task, demos: list[dict]):
+    """``task`` with other demonstrations (validated, as a task file's would be)."""
     from raydistill.tasks.task import TaskSpec
 
-    shuffled = list(demos)
-    random.Random(seed).shuffle(shuffled)
-    return TaskSpec.model_validate({**task.model_dump(), "demonstrations": shuffled})
+    return TaskSpec.model_validate({**task.model_dump(), "demonstrations": demos})
 
 
-def robustness(llm, tokenizer, task, demos: list[dict], first: dict, dev: list[dict], orders: int) -> dict:
-    """How far the answers hold when only the demonstrations' order changes (``orders`` seeded
-    shuffles): ``stability`` = answers unchanged, ``robust_accuracy`` = right in every order.
-    A student learns the answers that follow from the query; the ones an order flips are noise to
-    it (bench/results/distill.md, teacher stability), so this is what the selection maximises."""
-    runs = [first["labels"]] + [score(llm, tokenizer, reordered(task, demos, 1000 + k), dev, 8)["labels"]
-                                for k in range(orders)]
+def robustness(llm, tokenizer, task, first: dict, dev: list[dict], orders: int) -> dict:
+    """How far ``task``'s answers (``first``: its ``score``) hold when only the demonstrations' order
+    changes (``orders`` seeded shuffles): ``stability`` = answers unchanged, ``robust_accuracy`` =
+    right in every order. A student learns the answers that follow from the query; the ones an
+    order flips are noise to it (bench/results/distill.md, teacher stability)."""
+    runs = [first["labels"]]
+    for k in range(orders):
+        shuffled = [d.model_dump() for d in task.demonstrations]
+        random.Random(1000 + k).shuffle(shuffled)
+        runs.append(score(llm, tokenizer, with_demonstrations(task, shuffled), dev, 8)["labels"])
     same = sum(len(set(answers)) == 1 for answers in zip(*runs))
     right = sum(all(a == r["gold"] for a in answers) for answers, r in zip(zip(*runs), dev))
     return {"stability": round(same / len(dev), 4), "robust_accuracy": round(right / len(dev), 4)}
@@ -179,14 +181,12 @@ def refine(llm, tokenizer, long_task, start: list[dict], pool: list[dict], dev: 
     """Coordinate search from ``start``, one label at a time: ``candidates`` other demonstrations of
     that label, each tried in its slot and as a second example right after it; the change with the
     best dev accuracy is kept if it beats the prompt so far. Returns (demonstrations, every try)."""
-    from raydistill.tasks.task import TaskSpec
-
     def run(demos: list[dict]) -> dict:
-        return score(llm, tokenizer, TaskSpec.model_validate({**long_task.model_dump(), "demonstrations": demos}), dev, 8)
+        return score(llm, tokenizer, with_demonstrations(long_task, demos), dev, 8)
 
     best, best_result = start, run(start)
     tried = [{"change": "start", **best_result}]
-    print(f"start: {({k: v for k, v in best_result.items() if k != 'labels'})}", flush=True)
+    print(f"start: {public(best_result)}", flush=True)
     for label in labels:
         slot = next(i for i, d in enumerate(best) if d["label"] == label)
         used = {d["query"] for d in best}
@@ -219,17 +219,16 @@ def refine_main(args: argparse.Namespace) -> None:
     llm = selection_engine(model, args.dtype)
     labels = [x for x in args.refine.split(",") if x]
     best, tried = refine(llm, tokenizer, long_task, start, pool, dev, labels, args.candidates, random.Random(args.seed))
-    final = score(llm, tokenizer, long_task.model_validate({**long_task.model_dump(), "demonstrations": best}), dev, 8)
-    final.update(robustness(llm, tokenizer, long_task.model_validate({**long_task.model_dump(), "demonstrations": best}),
-                            best, final, dev, args.orders))
+    refined = with_demonstrations(long_task, best)
+    final = score(llm, tokenizer, refined, dev, 8)
+    final.update(robustness(llm, tokenizer, refined, final, dev, args.orders))
     first = tried[0]
-    first.update(robustness(llm, tokenizer, long_task, start, first, dev, args.orders))
+    first.update(robustness(llm, tokenizer, long_task, first, dev, args.orders))
     summary = {
         "command": "python bench/select_demonstrations.py " + " ".join(sys.argv[1:]),
         "model": "builtin:smollm2-135m-instruct", "dtype": args.dtype, "seed": args.seed, "dev_queries": len(dev),
-        "labels": labels, "start": {k: v for k, v in first.items() if k != "labels"},
-        "chosen": {k: v for k, v in final.items() if k != "labels"},
-        "tried": [{k: v for k, v in t.items() if k != "labels"} for t in tried], "chosen_demonstrations": best,
+        "labels": labels, "start": public(first), "chosen": public(final),
+        "tried": [public(t) for t in tried], "chosen_demonstrations": best,
     }
     per_label = {}
     for name, labs in (("start", first["labels"]), ("chosen", final["labels"])):
@@ -275,33 +274,31 @@ def main() -> None:  # noqa: PLR0915 - a linear script: score draws, rescore the
     args.stem = args.stem or "demonstrations"
 
     from raydistill.data.builtin import build_langid_demo
-    from raydistill.tasks.task import TaskSpec, load_task
+    from raydistill.tasks.task import load_task
 
     model, args.dtype, tokenizer, dev, pool = teacher_and_split(args.dtype, build_langid_demo()["train"], args.dev_per_label)
     short, long_task = load_task("langid"), load_task("langid-long")
 
     llm = selection_engine(model, args.dtype)
-    baseline = {k: v for k, v in score(llm, tokenizer, short, dev, 8).items() if k != "labels"}
+    baseline = public(score(llm, tokenizer, short, dev, 8))
     print(f"short prompt: {baseline}", flush=True)
     rng = random.Random(args.seed)
     draws = []
     while len(draws) < args.draws:
         demos = draw_demonstrations(pool, long_task, rng)
-        task = TaskSpec.model_validate({**long_task.model_dump(), "demonstrations": demos})
-        result = score(llm, tokenizer, task, dev, 8)
+        result = score(llm, tokenizer, with_demonstrations(long_task, demos), dev, 8)
         if result["prompt_tokens"] < MIN_PROMPT_TOKENS:
             print(f"draw skipped: prompt of {result['prompt_tokens']} tokens < {MIN_PROMPT_TOKENS}", flush=True)
             continue
         draws.append({**result, "demonstrations": demos})
-        print(f"draw {len(draws)}: {({k: v for k, v in result.items() if k != 'labels'})}", flush=True)
+        print(f"draw {len(draws)}: {public(result)}", flush=True)
 
     # Accuracy first (cheap: one pass per draw), then the finalists in other orders: the chosen
     # prompt is the one whose answers are right *and* hold when nothing that matters changes.
     eligible = [d for d in draws if d["parse_rate"] >= 0.98] or draws
     finalists = sorted(eligible, key=lambda d: (d["accuracy"], d["parse_rate"]), reverse=True)[:args.finalists]
     for d in finalists:
-        task = TaskSpec.model_validate({**long_task.model_dump(), "demonstrations": d["demonstrations"]})
-        d.update(robustness(llm, tokenizer, task, d["demonstrations"], d, dev, args.orders))
+        d.update(robustness(llm, tokenizer, with_demonstrations(long_task, d["demonstrations"]), d, dev, args.orders))
         print(f"draw {draws.index(d) + 1}: stability {d['stability']:.1%}, robust accuracy {d['robust_accuracy']:.1%}",
               flush=True)
     best = (max(finalists, key=lambda d: (d["robust_accuracy"], d["accuracy"])) if finalists  # 0: by accuracy alone
@@ -312,7 +309,7 @@ def main() -> None:  # noqa: PLR0915 - a linear script: score draws, rescore the
         "model": "builtin:smollm2-135m-instruct", "dtype": args.dtype, "seed": args.seed,
         "dev_queries": len(dev), "pool_queries": len(pool), "orders": args.orders,
         "short_prompt": baseline,
-        "draws": [{k: v for k, v in d.items() if k not in ("demonstrations", "labels")} for d in draws],
+        "draws": [public(d) for d in draws],
         "draw_accuracy": {"min": min(accs), "median": statistics.median(accs), "max": max(accs)},
         "chosen": draws.index(best) + 1,
         "chosen_demonstrations": best["demonstrations"],

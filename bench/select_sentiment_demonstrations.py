@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from select_demonstrations import (  # noqa: E402
     ROOT,
     add_common_args,
+    public,
     score,
     selection_engine,
     table_row,
@@ -79,7 +80,7 @@ def main() -> None:
     rows = []
 
     def run(name: str, t: TaskSpec, template: str, demos: list[dict] | None = None) -> None:
-        result = {k: v for k, v in score(llm, tokenizer, t, dev, 6).items() if k != "labels"}
+        result = public(score(llm, tokenizer, t, dev, 6))
         rows.append({"prompt": name, "template": template, **result, **({"demonstrations": demos} if demos else {})})
         print(f"{name}: {result}", flush=True)
 
