@@ -214,7 +214,7 @@ def main() -> None:
                 results[key] = asyncio.run(http_cell(url, model, texts.take(requests_at(c, args.scale)), c))
                 print(f"[bench] {key}: {results[key]}", flush=True)  # noqa: T201
     finally:
-        shutdown_serving()  # Ray stays up: the direct actors run in the same session
+        shutdown_serving(cfg)  # Ray stays up: the direct actors run in the same session
 
     # The same engine class, resources and environment as a Serve replica, as a plain actor.
     actor_cls = ray.remote(num_cpus=1, runtime_env={"env_vars": CPU_ENGINE_ENV})(ModelServer)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
-import shutil
+import posixpath
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from raydistill.errors import RaydistillError
+from raydistill.storage import MANIFEST, Location, location
 
 if TYPE_CHECKING:
     from raydistill.config import PipelineConfig
@@ -106,7 +107,7 @@ def _dispatch(args: argparse.Namespace, cfg: PipelineConfig) -> None:
             try:
                 evaluate(cfg, url, overwrite=args.overwrite)
             finally:
-                shutdown_serving()
+                shutdown_serving(cfg)
     else:
         from raydistill.pipeline import run_pipeline
 
@@ -121,11 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ[VERBOSE_ENV] = "1"
     logging.basicConfig(level=os.environ.get("RAYDISTILL_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    run_dir: Path | None = None
-    existed = False
+    run_dir: Location | None = None
+    existed = True  # until known otherwise: never clean up a run_dir we could not look at
     try:
         cfg = _load(args)
-        run_dir = Path(cfg.run_dir)
+        run_dir = location(cfg.run_dir)
         existed = run_dir.exists()
         _dispatch(args, cfg)
     except RaydistillError as exc:
@@ -138,13 +139,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _remove_if_empty(run_dir: Path | None, existed: bool) -> None:
+def _remove_if_empty(run_dir: Location | None, existed: bool) -> None:
     """A run refused for bad input leaves nothing behind: drop a run_dir we created that holds
     no artifact. (Other failures keep it: it may hold a partial output for --resume.)"""
-    if run_dir is None or existed or not run_dir.is_dir():
+    if run_dir is None or existed:
         return
-    if not any(p.name == "_manifest.json" for p in run_dir.rglob("_manifest.json")):
-        shutil.rmtree(run_dir, ignore_errors=True)
+    with contextlib.suppress(RaydistillError):  # storage that cannot be reached holds nothing of ours
+        files = run_dir.list(recursive=True, hidden=True)
+        if not any(posixpath.basename(f.path) == MANIFEST for f in files):
+            run_dir.delete()
 
 
 if __name__ == "__main__":

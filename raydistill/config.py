@@ -187,6 +187,13 @@ class ServeConfig(_Section):
 
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds (127.0.0.1 locally; 0.0.0.0 inside a cluster pod).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible app.")
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode", description="Where Serve runs HTTP proxies when it starts Serve (on a cluster where Serve runs "
+        "already, its own setting stays): every node, or the head only.")
+    app_name: str = Field("raydistill", min_length=1, description="Name of the Serve application; on a shared "
+                          "cluster only this application is deleted at the end.")
+    route_prefix: str = Field("/", pattern=r"^/", description="HTTP path the app is served under (the OpenAI base URL "
+                              "is http://host:port<route_prefix>/v1); another prefix lets it share a cluster's Serve.")
     num_replicas: int = Field(1, ge=1, description="Replicas per model (ignored when autoscaling is set).")
     autoscaling: AutoscalingConfig | None = Field(None, description="Autoscale replicas instead of a fixed number.")
     max_ongoing_requests: int = Field(32, ge=1, description="Requests one replica works on at once; more wait in Serve's queue.")
@@ -228,6 +235,9 @@ class EvalConfig(_Section):
     max_tokens: int = Field(16, ge=1, description="Most tokens per answer in evaluation requests.")
     request_timeout_s: float = Field(120.0, gt=0.0, description="Seconds before a request counts as an error.")
     max_rows: int | None = Field(None, ge=1, description="Send at most this many eval queries, per task.")
+    max_error_rate: float = Field(
+        0.0, ge=0.0, le=1.0, description="Share of a system's requests that may fail (HTTP errors, timeouts) before "
+        "evaluate fails; 0: any failed request fails it, so a report never rests on a silent subset.")
 
 
 class ClusterConfig(_Section):

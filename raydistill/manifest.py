@@ -8,12 +8,13 @@ reads the artifact folder as one dataset.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from raydistill.storage import MANIFEST, Location, location
 
 _PACKAGES = ("raydistill", "ray", "torch", "transformers", "peft", "deepspeed", "pyarrow")
 
@@ -47,10 +48,9 @@ def git_revision() -> str | None:
     return rev.stdout.strip() or None if rev.returncode == 0 else None
 
 
-def write_manifest(folder: str | Path, *, stage: str, config: dict[str, Any], inputs: dict[str, Any],
-                   counts: dict[str, Any], started: float, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``folder/_manifest.json`` atomically and return its path."""
-    folder = Path(folder)
+def write_manifest(folder: str | Path | Location, *, stage: str, config: dict[str, Any], inputs: dict[str, Any],
+                   counts: dict[str, Any], started: float, extra: dict[str, Any] | None = None) -> Location:
+    """Write ``folder/_manifest.json`` whole or not at all and return where it went."""
     manifest = {
         "stage": stage,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -62,7 +62,6 @@ def write_manifest(folder: str | Path, *, stage: str, config: dict[str, Any], in
         "versions": package_versions(),
         "git_revision": git_revision(),
     }
-    tmp = folder / f".manifest.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, folder / "_manifest.json")
-    return folder / "_manifest.json"
+    target = location(folder) / MANIFEST
+    target.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+    return target

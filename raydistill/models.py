@@ -46,6 +46,37 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def node_local(uri: str) -> str:
+    """A model folder as a local path on this node: a local path as it is; one in object storage
+    (a student under ``run_dir=s3://...``) downloaded once into this node's cache, keyed by the
+    URI and its files' sizes and modification times, so a retrained student is fetched again."""
+    import hashlib
+
+    from raydistill.storage import Location, is_remote
+
+    if not is_remote(uri):
+        return uri
+    loc = Location(uri)
+    files = loc.list(recursive=True, hidden=True)
+    if not any(f.path.endswith("/config.json") for f in files):
+        raise ModelError(f"model {uri!r} has no config.json; point it at a folder saved with save_pretrained")
+    key = hashlib.sha256(repr([uri] + [(f.path, f.size, str(f.mtime)) for f in files]).encode()).hexdigest()[:16]
+    target = cache_dir() / "remote-models" / f"{loc.name}-{key}"
+    if (target / "config.json").is_file():
+        return str(target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("downloading %s to %s", uri, target)
+    loc.download(tmp)
+    try:
+        os.replace(tmp, target)  # two replicas on one node: one rename wins, both load whole folders
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return str(target)
+
+
 def materialize_builtin(name: str) -> Path:
     """Dequantize a built-in GGUF model into ``<cache>/models/<name>`` once; return the folder."""
     if name not in _BUILTINS:

@@ -13,6 +13,7 @@ from typing import Any
 from raydistill.config import PipelineConfig
 from raydistill.evaluate.evaluate import evaluate
 from raydistill.serve.stage import shutdown_serving, start_serving
+from raydistill.storage import Location, location
 from raydistill.student.train import train
 from raydistill.teacher.generate import generate
 
@@ -22,16 +23,16 @@ logger = logging.getLogger(__name__)
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo_cpu.yaml"
 
 
-def _done(folder: Path) -> bool:
-    return (folder / "_manifest.json").is_file()
+def _done(folder: Location) -> bool:
+    return folder.complete()
 
 
 def run_pipeline(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     """generate → train → serve → evaluate. With ``resume``, finished stages are skipped."""
-    run_dir = Path(cfg.run_dir)
+    run_dir = location(cfg.run_dir)
     times: dict[str, float] = {}
 
-    def stage(name: str, folder: Path, fn) -> None:
+    def stage(name: str, folder: Location, fn) -> None:
         if resume and _done(folder):
             logger.info("%s: already done (%s), skipping", name, folder)
             return
@@ -51,7 +52,7 @@ def run_pipeline(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool =
         summary = evaluate(cfg, url, overwrite=True, stage_times=times)
         times["evaluate"] = time.time() - t
     finally:
-        shutdown_serving()
+        shutdown_serving(cfg)
     print("\nwall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))  # noqa: T201
-    print(f"run directory: {run_dir.resolve()}  (report: {run_dir.resolve() / 'eval' / 'report.md'})")  # noqa: T201
+    print(f"run directory: {run_dir}  (report: {run_dir / 'eval' / 'report.md'})")  # noqa: T201
     return {"metrics": summary, "stage_times": times}

@@ -11,6 +11,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from raydistill.errors import RaydistillError
+from raydistill.storage import Location, location
+
 logger = logging.getLogger("raydistill.progress")
 
 VERBOSE_ENV = "RAYDISTILL_VERBOSE"
@@ -20,24 +23,40 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
-def parquet_rows(folder: Path) -> int:
-    """Rows in the finished Parquet files under ``folder`` (a file still being written is skipped)."""
-    import pyarrow.parquet as pq
+class ParquetRows:
+    """Rows in the finished Parquet files under a folder of run storage, local or remote: each
+    file's footer is read once (written files never change), so a tick costs one listing."""
 
-    total = 0
-    for path in Path(folder).rglob("*.parquet"):
+    def __init__(self, folder: str | Path | Location):
+        self.folder = location(folder)
+        self.seen: dict[str, int] = {}
+
+    def __call__(self) -> int:
+        import pyarrow.parquet as pq
+
         try:
-            total += pq.read_metadata(path).num_rows
-        except (OSError, ValueError):  # no footer yet
-            continue
-    return total
+            files = self.folder.list(".parquet", recursive=True)
+        except RaydistillError:  # a progress line must not fail the stage; the stage's own reads report it
+            files = []
+        for info in files:
+            if info.path not in self.seen:
+                try:
+                    self.seen[info.path] = pq.read_metadata(info.path, filesystem=self.folder.fs).num_rows
+                except (OSError, ValueError):  # no footer yet
+                    continue
+        return sum(self.seen.values())
 
 
-def last_step(metrics_jsonl: Path) -> int:
+def parquet_rows(folder: str | Path | Location) -> int:
+    """Rows in the finished Parquet files under ``folder`` (a file still being written is skipped)."""
+    return ParquetRows(folder)()
+
+
+def last_step(metrics_jsonl: str | Path | Location) -> int:
     """The last training step logged to ``metrics.jsonl`` (0 before the first)."""
     try:
-        lines = Path(metrics_jsonl).read_text().splitlines()
-    except OSError:
+        lines = location(metrics_jsonl).read_text().splitlines()
+    except (OSError, RaydistillError):
         return 0
     for line in reversed(lines):
         try:

@@ -6,9 +6,11 @@ import logging
 import os
 from typing import Any
 
-from raydistill.config import ClusterConfig
+from raydistill.config import ClusterConfig, PipelineConfig
 from raydistill.engine import CPU_ENGINE_ENV
+from raydistill.errors import DataError, RunDirError
 from raydistill.progress import quiet_driver_notices, quiet_ray_driver, verbose
+from raydistill.storage import Location, location
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +38,16 @@ def local_gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+_started_local = False  # whether init_ray started, in this process, the Ray it uses
+
+
+def started_local_ray() -> bool:
+    return _started_local
+
+
 def init_ray(cluster: ClusterConfig) -> Any:
     """ray.init once per process; never attaches to a cluster that nobody asked for."""
+    global _started_local
     import ray
 
     if ray.is_initialized():
@@ -60,10 +70,78 @@ def init_ray(cluster: ClusterConfig) -> Any:
             runtime_env={"env_vars": local_worker_env(local_gpu_count())},
             log_to_driver=log_to_driver,
         )
+        _started_local = True
     quiet_ray_driver()
     if not log_to_driver:
         logger.info("Ray workers' logs (engines, training, serving): %s (raydistill -v shows them here)", ray_logs_dir())
     return ray
+
+
+def connect(cfg: PipelineConfig) -> Any:
+    """``init_ray`` and, on a cluster, the check that every node sees the run directory."""
+    ray = init_ray(cfg.cluster)
+    check_shared_storage(location(cfg.run_dir))
+    return ray
+
+
+_SHARED: set[str] = set()  # run directories already checked by this process
+
+
+def _probe(uri: str, token: str) -> str | None:
+    """On one node: None when it reads the driver's marker, else what went wrong."""
+    try:
+        return None if Location(uri).read_text() == token else "it reads another file there"
+    except FileNotFoundError:
+        return "it does not see the file"
+    except Exception as exc:  # noqa: BLE001 - any failure to read is the answer
+        return str(exc).splitlines()[0][:200]
+
+
+def check_shared_storage(run: Location) -> None:
+    """Refuse, before any work, a run directory that some node of the cluster cannot read: the
+    driver writes a marker file there and a task on every alive node reads it back. A local
+    folder on a cluster of several machines fails here (each node has its own disk) instead of
+    scattering the artifacts; an object store checks every node's credentials and endpoint.
+    A local Ray started by this process is one node on this machine: nothing to check."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if run.uri in _SHARED:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if _started_local and len(nodes) <= 1:
+        _SHARED.add(run.uri)
+        return
+    token = uuid.uuid4().hex
+    marker = run / f".raydistill-probe-{token[:12]}"
+    marker.write_text(token)  # on an object store: the driver's own credentials, endpoint and bucket
+    try:
+        probe: Any = ray.remote(num_cpus=0, max_retries=0)(_probe)
+        refs = {n["NodeManagerAddress"] + " " + n["NodeID"][:8]: probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(marker.uri, token)
+            for n in nodes}
+        failed = {node: why for node, why in zip(refs, ray.get(list(refs.values()), timeout=300)) if why}
+    finally:
+        marker.delete()
+    if failed:
+        node, why = next(iter(failed.items()))
+        if run.remote:
+            raise RunDirError(f"run_dir {run.uri!r}: {len(failed)} of {len(nodes)} Ray nodes cannot read it (node {node}: "
+                              f"{why}); give every node the same endpoint and credentials (runtime_env env_vars, a "
+                              f"service account or instance role)")
+        raise RunDirError(f"run_dir {run.uri!r} is on this machine's disk, which {len(failed)} of the cluster's "
+                          f"{len(nodes)} Ray nodes do not see (node {node}: {why}); use object storage "
+                          f"(run_dir=s3://bucket/run) or a folder every node mounts (e.g. /mnt/shared/run)")
+    _SHARED.add(run.uri)
+
+
+def check_written(stage: str, written: int, listed: int, folder: Location) -> None:
+    """A stage's own counts must agree: the rows Ray Data wrote and the rows the driver reads back."""
+    if written != listed:
+        raise DataError(f"{stage}: Ray wrote {written} rows but {listed} are readable in {folder.uri!r}; the run "
+                        f"directory is not the same storage on every node: use object storage or a shared mount")
 
 
 def ray_logs_dir() -> str:

@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from raydistill.errors import DataError
+from raydistill.storage import Location, location
 
 QUERIES = pa.schema(
     [
@@ -85,6 +86,8 @@ def check_batch(batch: Mapping[str, Any], needed: Iterable[str], udf: str) -> No
                     "it reads only the columns named; check the stage that produced it")
 
 
-def parquet_files(folder: str | Path) -> list[str]:
-    """The Parquet files of an artifact folder (which also holds _manifest.json)."""
-    return sorted(str(p) for p in Path(folder).glob("*.parquet"))
+def parquet_files(folder: str | Path | Location) -> list[str]:
+    """The Parquet files of an artifact folder (which also holds _manifest.json), local paths or
+    URIs as the folder is: what Ray Data, pyarrow and every node can open."""
+    loc = location(folder)
+    return [loc.child_uri(f.path) for f in loc.list(".parquet")]

@@ -9,12 +9,10 @@ Writes ``<run_dir>/eval/``: ``results/<system>/*.parquet`` (one dataset: ``pq.re
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 import zlib
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -28,8 +26,10 @@ from raydistill.evaluate.metrics import PairStats, Span, SystemStats, comparison
 from raydistill.evaluate.report import summary_table, task_table, write_report, write_task_index
 from raydistill.manifest import write_manifest
 from raydistill.outputs import check_output, staged_output
-from raydistill.progress import Progress, parquet_rows
-from raydistill.runtime import init_ray
+from raydistill.progress import ParquetRows, Progress
+from raydistill.runtime import check_written, connect, ray_logs_dir
+from raydistill.schema import parquet_files
+from raydistill.storage import Location, location, write_parquet
 from raydistill.tasks.pipeline_tasks import RunTask, run_tasks, specs_by_key
 
 logger = logging.getLogger(__name__)
@@ -38,20 +38,23 @@ logger = logging.getLogger(__name__)
 def evaluate(cfg: PipelineConfig, base_url: str, *, overwrite: bool = False,
              stage_times: dict[str, float] | None = None) -> dict[str, Any]:
     started = time.time()
-    out_dir = check_output(Path(cfg.run_dir) / "eval", overwrite=overwrite, what="eval directory")
+    out_dir = check_output(location(cfg.run_dir) / "eval", overwrite=overwrite, what="eval directory")
     tasks = run_tasks(cfg)
     sources = task_sources(tasks, "eval")
-    init_ray(cfg.cluster)
+    connect(cfg)
     # Read once: every system must get the same queries (a re-executed `limit` may pick others),
     # and a remote source is not fetched again per system.
     queries = read_task_queries(tasks, sources, cfg.eval.max_rows).materialize()
-    with staged_output(out_dir) as tmp:
-        send_traffic(cfg, base_url, tasks, queries, tmp / "results")
-        stats = collect_stats(tmp / "results")
+    with staged_output(out_dir) as staged:
+        results = staged.partial / "results"
+        send_traffic(cfg, base_url, tasks, queries, results)
+        stats = collect_stats(results)
         overall = merge_stats(stats.values())
         n_rows = sum(s.requests for s in overall.systems.values())
         if not n_rows:
             raise DataError(f"no evaluation queries read from {[s.uri for s in sources]}; check the files")
+        check_errors(overall, cfg.eval.max_error_rate, results)
+        tmp = staged.local
         labels = list(dict.fromkeys(label for t in tasks for label in t.spec.labels))  # all tasks' labels, in order
         summary = analyze(overall, labels, cfg.eval.systems)
         if len(tasks) == 1:
@@ -77,8 +80,9 @@ def evaluate(cfg: PipelineConfig, base_url: str, *, overwrite: bool = False,
     return summary
 
 
-def send_traffic(cfg: PipelineConfig, base_url: str, tasks: list[RunTask], queries: Any, folder: Path) -> None:
-    """Every query to every system as OpenAI requests; results as Parquet under ``folder/<system>``."""
+def send_traffic(cfg: PipelineConfig, base_url: str, tasks: list[RunTask], queries: Any, folder: Location) -> None:
+    """Every query to every system as OpenAI requests; results as Parquet under ``folder/<system>``.
+    Each system's results must hold one row per query, read back from run storage."""
     import ray.data
 
     n_queries = queries.count()
@@ -93,8 +97,13 @@ def send_traffic(cfg: PipelineConfig, base_url: str, tasks: list[RunTask], queri
                                       batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
                                       num_cpus=0.25)
         # a file per client batch: the progress line counts requests answered as they finish
-        with Progress(f"evaluate {system}", functools.partial(parquet_rows, folder / system), n_queries, "requests"):
-            results.write_parquet(str(folder / system), min_rows_per_file=cfg.eval.concurrency * 4)
+        counter = ParquetRows(folder / system)
+        with Progress(f"evaluate {system}", counter, n_queries, "requests"):
+            written = write_parquet(results, folder / system, min_rows_per_file=cfg.eval.concurrency * 4)
+        if written != n_queries:
+            raise DataError(f"evaluate: {n_queries} queries were sent to {system} but {written} results came back; "
+                            f"see the Ray logs ({ray_logs_dir()})")
+        check_written(f"evaluate {system}", written, counter(), folder / system)
         logger.info("evaluate: %s done", system)
 
 
@@ -176,14 +185,34 @@ def _collect_in_ray(groups: list[list[str]], n_buckets: int) -> dict[str | None,
     return out
 
 
-def collect_stats(folder: Path) -> dict[str | None, ResultStats]:
+def check_errors(stats: ResultStats, max_rate: float, results: Location) -> None:
+    """Fail when a system's failed requests exceed ``eval.max_error_rate``, naming the first error."""
+    for system, s in sorted(stats.systems.items()):
+        if s.errors > max_rate * s.requests:
+            raise DataError(f"evaluate: {s.errors} of {s.requests} {system} requests failed (first: "
+                            f"{first_error(results / system)}), over eval.max_error_rate={max_rate}; check the Serve "
+                            f"app and its logs, or raise eval.max_error_rate")
+
+
+def first_error(folder: Location) -> str:
+    import pyarrow.compute as pc
+
+    for uri in parquet_files(folder):
+        errors = pq.read_table(uri, columns=["error"])["error"].drop_null()
+        errors = errors.filter(pc.not_equal(errors, ""))
+        if len(errors):
+            return str(errors[0].as_py()).splitlines()[0][:200]
+    return "no message"
+
+
+def collect_stats(folder: Location) -> dict[str | None, ResultStats]:
     """The statistics of every result file under ``folder``, per task key, computed by Ray tasks
     over groups of files (~8 MB each) and merged: the driver gets a few kB per task, whatever the
     number of rows. Pairing teacher and student by query id is a hash partition of the answered
     rows (ids and labels, texts cut to 81 characters) into buckets of ~8 MB of result files."""
     import ray
 
-    files = sorted((str(p), p.stat().st_size) for p in folder.rglob("*.parquet"))
+    files = [(folder.child_uri(f.path), f.size) for f in folder.list(".parquet", recursive=True)]
     if not files:
         return {}
     groups: list[list[str]] = [[]]

@@ -46,6 +46,7 @@ from ray import serve
 
 from raydistill.config import ServeConfig
 from raydistill.engine import CPU_ENGINE_ENV, engine_args
+from raydistill.models import node_local
 from raydistill.render import render_prompt
 from raydistill.serve.openai_api import (
     ChatCompletionRequest,
@@ -77,6 +78,7 @@ class ModelServer:
 
         cfg = ServeConfig.model_validate(serve)
         self.max_model_len = cfg.max_model_len
+        model_path = node_local(model_path)  # a student in object storage: fetched to this node once
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         kwargs = engine_args(dtype=cfg.dtype, accelerator=cfg.accelerator, max_model_len=cfg.max_model_len,
                              enforce_eager=cfg.enforce_eager, block_size=cfg.block_size, kv_cache_gib=cfg.kv_cache_gib,
@@ -354,11 +356,16 @@ def replica_options(serve_cfg: ServeConfig) -> dict[str, Any]:
 
 
 def start(app: Any, serve_cfg: ServeConfig) -> str:
-    """Run the app on host:port and return its base URL."""
+    """Run the app on host:port and return its base URL. On a cluster where Serve runs already
+    (other apps), its HTTP options stay as they are and this app is added beside the others."""
+    import ray
     from ray import serve
 
-    serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
-    serve.run(app, name="raydistill", route_prefix="/")
-    url = f"http://{serve_cfg.host}:{serve_cfg.port}"
+    serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port}, proxy_location=serve_cfg.proxy_location)
+    serve.run(app, name=serve_cfg.app_name, route_prefix=serve_cfg.route_prefix)
+    # A proxy binding every interface is reached at this node's address: the driver's node, where
+    # the head's proxy always runs, and an address every node can reach (127.0.0.1 is not).
+    host = ray.util.get_node_ip_address() if serve_cfg.host in ("0.0.0.0", "::") else serve_cfg.host
+    url = f"http://{host}:{serve_cfg.port}{serve_cfg.route_prefix.rstrip('/')}"
     logger.info("serving OpenAI-compatible API at %s/v1 (models: /v1/models)", url)
     return url

@@ -5,31 +5,30 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from raydistill.config import PipelineConfig
 from raydistill.errors import DataError
 from raydistill.models import resolve_model
-from raydistill.runtime import init_ray
+from raydistill.runtime import connect, started_local_ray
 from raydistill.serve.app import build_app, start
+from raydistill.storage import MANIFEST, Location, location
 from raydistill.tasks.pipeline_tasks import run_tasks
 
 logger = logging.getLogger(__name__)
 
 
-def student_path(cfg: PipelineConfig) -> Path:
-    return Path(cfg.run_dir).resolve() / "student" / "merged"
+def student_path(cfg: PipelineConfig) -> Location:
+    return location(cfg.run_dir) / "student" / "merged"
 
 
 def trained_target(cfg: PipelineConfig) -> str:
     """What the run's student was trained to say (its manifest), else what the config asks for."""
-    manifest = Path(cfg.run_dir).resolve() / "student" / "_manifest.json"
+    manifest = location(cfg.run_dir) / "student" / MANIFEST
     try:
-        return str(json.loads(manifest.read_text())["config"]["train"]["target"])
+        return str(manifest.read_json()["config"]["train"]["target"])
     except (OSError, ValueError, KeyError, TypeError):
         return cfg.train.target
 
@@ -46,10 +45,11 @@ def application(cfg: PipelineConfig, *, require_student: bool = True, with_base:
         if with_base:
             paths["base"] = base
     merged = student_path(cfg)
-    if (merged / "config.json").is_file():
-        paths["student"] = str(merged)
+    # a committed student only: replicas load it from run storage (a URI: each downloads a copy)
+    if merged.parent.complete() and (merged / "config.json").is_file():
+        paths["student"] = merged.uri
     elif require_student:
-        raise DataError(f"no trained student at {str(merged)!r}; run `raydistill train` first")
+        raise DataError(f"no trained student at {merged.uri!r}; run `raydistill train` first")
     prefix = cfg.serve.student_answer_prefix and "student" in paths and trained_target(cfg) == "response"
     return build_app(paths, tasks, cfg.serve, student_prefix=prefix, base_engine=base_engine)
 
@@ -57,17 +57,22 @@ def application(cfg: PipelineConfig, *, require_student: bool = True, with_base:
 def start_serving(cfg: PipelineConfig, *, require_student: bool = True, with_base: bool = True) -> str:
     """Deploy the run's application (see ``application``) and return the base URL once healthy."""
     app = application(cfg, require_student=require_student, with_base=with_base)
-    init_ray(cfg.cluster)
+    connect(cfg)
     started = time.time()
     url = start(app, cfg.serve)
     logger.info("serve: ready in %.1f s", time.time() - started)
     return url
 
 
-def shutdown_serving() -> None:
+def shutdown_serving(cfg: PipelineConfig) -> None:
+    """Remove what ``start_serving`` deployed. On a cluster this process did not start, only its
+    own application goes: Serve and the other applications on it keep running."""
     from ray import serve
 
-    serve.shutdown()
+    if started_local_ray():
+        serve.shutdown()
+    else:
+        serve.delete(cfg.serve.app_name)
 
 
 def serve_forever(cfg: PipelineConfig) -> None:
@@ -77,4 +82,4 @@ def serve_forever(cfg: PipelineConfig) -> None:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        shutdown_serving()
+        shutdown_serving(cfg)

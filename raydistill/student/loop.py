@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import shutil
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -71,6 +72,8 @@ def setup(cfg: LoopConfig) -> Worker:
     engine, scheduler = build_engine(cfg.model_path, cfg.train, cfg.total_steps)
     memory.after_engine()
     state = LoopState(lora=cfg.train.method == "lora")
+    if rank == 0:
+        cfg.export_dir.mkdir(parents=True, exist_ok=True)  # a node-local folder when run storage is remote
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a retried worker group, or a re-run of a killed driver
         state = restore(engine, checkpoint, cfg.metrics_path, rank)
@@ -201,6 +204,7 @@ def log_row(w: Worker) -> None:
                 row["lr"], row["tokens_per_s_worker"])
     with w.cfg.metrics_path.open("a") as fh:
         fh.write(json.dumps(row) + "\n")
+    sync_metrics(w.cfg)
     if w.tracker is not None:
         w.tracker.log_metrics({k: v for k, v in row.items() if isinstance(v, float)}, step=w.step)
 
@@ -216,6 +220,23 @@ def finish(w: Worker, train_wall: float) -> None:
     if w.rank == 0:
         summary = train_summary(w, train_wall, peak_train)
         (w.cfg.export_dir / "train_summary.json").write_text(json.dumps(summary))
+        if w.cfg.export.remote:  # the student and its metrics into run storage, then off this node
+            w.cfg.export.upload(w.cfg.export_dir)
+            shutil.rmtree(w.cfg.export_dir, ignore_errors=True)
+
+
+METRICS_SYNC_S = 10.0
+_metrics_synced_at = 0.0
+
+
+def sync_metrics(cfg: LoopConfig, *, force: bool = False) -> None:
+    """Rank 0, remote run storage: copy metrics.jsonl there at most every METRICS_SYNC_S (one
+    small PUT), so the driver's progress line moves; the final copy goes with the export."""
+    global _metrics_synced_at
+    if not cfg.export.remote or (not force and time.time() - _metrics_synced_at < METRICS_SYNC_S):
+        return
+    (cfg.export / "metrics.jsonl").write_bytes(cfg.metrics_path.read_bytes())
+    _metrics_synced_at = time.time()
 
 
 def train_summary(w: Worker, train_wall: float, peak_train: float) -> dict[str, Any]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from raydistill.config import TrainConfig
+from raydistill.storage import Location
 
 
 class LoopConfig(BaseModel):
@@ -19,11 +22,26 @@ class LoopConfig(BaseModel):
     model_path: str = Field(description="Local folder of the student's starting weights (resolved by the driver).")
     total_steps: int = Field(ge=1, description="Optimizer steps to take (the driver's plan).")
     pad_token_id: int = Field(description="Token id that right-pads a micro-batch (the tokenizer's pad, else its EOS).")
-    export_dir: Path = Field(description="The staged student folder: adapter/, merged/, metrics.jsonl, train_summary.json.")
+    export_uri: str = Field(description="The staged student folder in run storage (a local path or a URI): "
+                            "adapter/, merged/, metrics.jsonl, train_summary.json.")
     has_val: bool = Field(description="Whether a validation split ('val' dataset) exists for the eval loss.")
     mlflow_tracking_uri: str | None = Field(None, description="MLflow store when train.tracking=mlflow.")
-    run_dir: Path = Field(description="The run folder (tagged on the MLflow run).")
+    run_dir: str = Field(description="The run folder (tagged on the MLflow run).")
     tasks: list[str] = Field(default_factory=list, description="Task keys; with several, the eval loss is also per task.")
+
+    @property
+    def export(self) -> Location:
+        return Location(self.export_uri)
+
+    @property
+    def export_dir(self) -> Path:
+        """Where rank 0 writes the student and its metrics: the staged folder itself when run
+        storage is a local (or mounted) folder; else a folder on this node, uploaded at the end
+        (``metrics.jsonl`` also every ``METRICS_SYNC_S``, for the driver's progress line)."""
+        if not self.export.remote:
+            return Path(self.export_uri)
+        key = hashlib.sha256(self.export_uri.encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"raydistill-export-{key}"
 
     @property
     def metrics_path(self) -> Path:

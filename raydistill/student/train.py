@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,8 +26,9 @@ from raydistill.manifest import write_manifest
 from raydistill.models import resolve_model
 from raydistill.outputs import check_output, staged_output
 from raydistill.progress import Progress, last_step
-from raydistill.runtime import init_ray
+from raydistill.runtime import connect
 from raydistill.schema import parquet_files, require_columns
+from raydistill.storage import Location, location
 from raydistill.student.examples import OPTIONAL_COLUMNS, build_examples_batch, example_columns
 from raydistill.student.loop import MLFLOW_EXPERIMENT, train_loop_per_worker
 from raydistill.student.loop_config import LoopConfig
@@ -61,14 +61,20 @@ class ExampleBuilder:
         return build_examples_batch(batch, **self.kwargs)
 
 
-def check_samples(samples_dir: Path, tasks: list[str], *, soft: bool = False) -> dict[str, int]:
+def check_samples(samples_dir: str | Path | Location, tasks: list[str], *, soft: bool = False) -> dict[str, int]:
     """Fail early on a missing/foreign samples folder, or a task without valid rows; return the
     number of valid rows per task. Reads the small ``task`` and ``valid`` columns a batch at a
     time (and, with ``soft``, ``token_ids`` until one row has them), so the driver's memory does
     not grow with the samples."""
-    if not samples_dir.is_dir() or not any(samples_dir.glob("*.parquet")):
-        raise DataError(f"no teacher samples under {str(samples_dir)!r}; run `raydistill generate` first")
-    schema = pq.read_schema(next(samples_dir.glob("*.parquet")))
+    samples_dir = location(samples_dir)
+    files = parquet_files(samples_dir)
+    partial = samples_dir.sibling(f".{samples_dir.name}.partial")
+    if not samples_dir.complete() and partial.is_nonempty():
+        raise DataError(f"teacher samples in {samples_dir.uri!r} are not complete (generate was interrupted); "
+                        f"run `raydistill generate --resume` first")
+    if not files:
+        raise DataError(f"no teacher samples under {samples_dir.uri!r}; run `raydistill generate` first")
+    schema = pq.read_schema(files[0])
     # only what training reads: samples from another tool need not carry generate's bookkeeping
     require_columns(schema.names, example_columns(soft), f"samples in {str(samples_dir)!r}",
                     "regenerate them with `raydistill generate`")
@@ -100,10 +106,11 @@ def check_samples(samples_dir: Path, tasks: list[str], *, soft: bool = False) ->
     return {k: int(found[k]) for k in tasks}
 
 
-def _batches(samples_dir: Path, columns: list[str]) -> Iterator[Any]:
+def _batches(samples_dir: Location, columns: list[str]) -> Iterator[Any]:
     """Record batches of some columns of every samples file, one batch in memory at a time."""
-    for path in parquet_files(samples_dir):
-        yield from pq.ParquetFile(path).iter_batches(columns=columns, batch_size=65_536)
+    for uri in parquet_files(samples_dir):
+        loc = location(uri)
+        yield from pq.ParquetFile(loc.path, filesystem=loc.fs).iter_batches(columns=columns, batch_size=65_536)
 
 
 def check_student_model(model_path: str, cfg: PipelineConfig) -> None:
@@ -151,16 +158,17 @@ def check_mlflow(tracking_uri: str) -> None:
                           f"{str(e).splitlines()[0][:200]}); fix the URI or set train.tracking=none") from None
 
 
-def train_storage(run_dir: Path, *, overwrite: bool, resume: bool) -> Path:
-    """Ray Train's run storage (checkpoints). Checkpoints of an interrupted run are continued
-    with ``resume``, dropped with ``overwrite``, and otherwise refused."""
+def train_storage(run_dir: Location, *, overwrite: bool, resume: bool) -> Location:
+    """Ray Train's run storage (checkpoints): in the run directory, which every node sees (a
+    shared mount or object storage, as Ray Train needs on several nodes). Checkpoints of an
+    interrupted run are continued with ``resume``, dropped with ``overwrite``, and otherwise refused."""
     storage = run_dir / "ray_train"
     experiment = storage / "train"
-    if experiment.exists():
+    if experiment.is_nonempty():
         if overwrite:
-            shutil.rmtree(experiment)
+            experiment.delete()
         elif not resume:
-            raise RunDirError(f"training checkpoints of an interrupted run are in {str(experiment)!r}; "
+            raise RunDirError(f"training checkpoints of an interrupted run are in {experiment.uri!r}; "
                               f"pass --resume to continue from the last one or --overwrite to start over")
     return storage
 
@@ -182,12 +190,12 @@ def plan_steps(n_examples: int, cfg: PipelineConfig) -> dict[str, int]:
     return {"examples": n_examples, "effective_batch": per_step, "steps_per_epoch": steps_per_epoch, "total_steps": total}
 
 
-def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False) -> Path:
+def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False) -> Location:
     """Fine-tune the student on the run's valid samples (Ray Train + DeepSpeed) into ``<run_dir>/student``."""
     started = time.time()
-    run_dir = Path(cfg.run_dir).resolve()
+    run_dir = location(cfg.run_dir)
     out_dir = run_dir / "student"
-    if resume and (out_dir / "_manifest.json").is_file():
+    if resume and out_dir.complete():
         logger.info("train: %s is complete; nothing to resume", out_dir)
         return out_dir
     check_output(out_dir, overwrite=overwrite, what="student directory")
@@ -200,37 +208,42 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
     check_student_model(model_path, cfg)
     tracking_uri = None
     if cfg.train.tracking == "mlflow":
-        tracking_uri = cfg.train.mlflow_tracking_uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+        if not cfg.train.mlflow_tracking_uri and run_dir.remote:
+            raise ConfigError(f"train.tracking=mlflow keeps a SQLite store in run_dir, which {run_dir.uri!r} cannot hold; "
+                              "set train.mlflow_tracking_uri to a tracking server (or train.tracking=none)")
+        tracking_uri = cfg.train.mlflow_tracking_uri or f"sqlite:///{run_dir.local_path() / 'mlflow.db'}"
         check_mlflow(tracking_uri)
+    connect(cfg)
     storage = train_storage(run_dir, overwrite=overwrite, resume=resume)
-    init_ray(cfg.cluster)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train_ds, val_ds, n_examples, n_val = example_datasets(cfg, samples_dir, model_path, specs_by_key(tasks), factors)
     plan = plan_steps(n_examples - n_val, cfg)
     log_plan(cfg, plan, n_valid, n_examples, n_val)
-    with staged_output(out_dir) as tmp:
+    with staged_output(out_dir) as staged:
         loop_config = LoopConfig(
             train=cfg.train, model_path=model_path, total_steps=plan["total_steps"],
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            export_dir=tmp, has_val=n_val > 0, mlflow_tracking_uri=tracking_uri, run_dir=run_dir,
+            export_uri=staged.partial.uri, has_val=n_val > 0, mlflow_tracking_uri=tracking_uri, run_dir=run_dir.uri,
             tasks=[t.key for t in tasks],
         )
         trainer = make_trainer(cfg, loop_config, storage, train_ds, val_ds if n_val else None)
-        # rank 0 appends to metrics.jsonl as it goes (on a cluster, only when it shares this filesystem)
-        with Progress("train", lambda: last_step(tmp / "metrics.jsonl"), plan["total_steps"], "steps", every_s=30.0):
+        # rank 0 appends to metrics.jsonl as it goes (in remote run storage, a copy every few seconds)
+        with Progress("train", lambda: last_step(staged.partial / "metrics.jsonl"), plan["total_steps"], "steps",
+                      every_s=30.0):
             result = trainer.fit()
         if result.error:
             raise result.error
+        tmp = staged.local  # the driver's files; with remote run storage uploaded beside rank 0's
         tokenizer.save_pretrained(tmp / "merged")
         if cfg.train.method == "lora":
             tokenizer.save_pretrained(tmp / "adapter")
-        counts = {**plan, **finished_counts(tmp), "valid_samples": n_valid, "validation_examples": n_val}
+        counts = {**plan, **finished_counts(staged.partial, tmp), "valid_samples": n_valid, "validation_examples": n_val}
         if len(tasks) > 1:
             counts["tasks"] = {t.key: {"valid_samples": valid[t.key], "factor": round(factors[t.key], 4)} for t in tasks}
         write_manifest(tmp, stage="train", config=cfg.model_dump(),
-                       inputs={"samples": str(samples_dir), "student_model": model_path,
+                       inputs={"samples": samples_dir.uri, "student_model": model_path,
                                "tasks": {t.key: t.spec.name for t in tasks}},
                        counts=counts, started=started)
     logger.info("train: wrote %s (loss %s -> %s, eval loss %s)", out_dir, counts["first_loss"], counts["last_loss"],
@@ -238,7 +251,7 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
     return out_dir
 
 
-def example_datasets(cfg: PipelineConfig, samples_dir: Path, model_path: str, tasks: dict[str, Any],
+def example_datasets(cfg: PipelineConfig, samples_dir: Location, model_path: str, tasks: dict[str, Any],
                      factors: dict[str, float] | None = None) -> tuple[Any, Any, int, int]:
     """Valid samples → tokenized examples (Ray Data), split into train and held-out validation
     by query id; with their counts. Refuses a run where no sample fits ``max_seq_len``."""
@@ -280,7 +293,7 @@ def tokenizer_actors(configured: int | None) -> int:
     return configured or max(1, int(ray.cluster_resources().get("CPU", 1)) // 8)
 
 
-def training_columns(samples_dir: Path, soft: bool) -> list[str]:
+def training_columns(samples_dir: Location, soft: bool) -> list[str]:
     """The samples columns training reads (the logprob lists only for soft targets): the rest of
     the samples, often most of their bytes, is never read from disk."""
     present = set(pq.read_schema(parquet_files(samples_dir)[0]).names)
@@ -298,7 +311,7 @@ def log_plan(cfg: PipelineConfig, plan: dict[str, int], n_valid: int, n_examples
     )
 
 
-def make_trainer(cfg: PipelineConfig, loop_config: LoopConfig, storage: Path, train_ds: Any, val_ds: Any | None) -> Any:
+def make_trainer(cfg: PipelineConfig, loop_config: LoopConfig, storage: Location, train_ds: Any, val_ds: Any | None) -> Any:
     """The Ray Train ``TorchTrainer`` running ``train_loop_per_worker`` on the datasets' shards."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -311,7 +324,7 @@ def make_trainer(cfg: PipelineConfig, loop_config: LoopConfig, storage: Path, tr
         # Same name + storage on a re-run: Ray Train restores its checkpoint manager, so
         # get_checkpoint() in the workers returns the last checkpoint of the killed run.
         run_config=RunConfig(
-            name="train", storage_path=str(storage),
+            name="train", storage_path=storage.uri,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
@@ -319,12 +332,12 @@ def make_trainer(cfg: PipelineConfig, loop_config: LoopConfig, storage: Path, tr
     )
 
 
-def finished_counts(out: Path) -> dict[str, Any]:
-    """What the workers wrote (summary, metrics), the loss plot, and first/last loss."""
-    summary = json.loads((out / "train_summary.json").read_text())
+def finished_counts(out: Location, local: Path) -> dict[str, Any]:
+    """What the workers wrote (summary, metrics), the loss plot (into ``local``), and first/last loss."""
+    summary = (out / "train_summary.json").read_json()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
-    plot_losses(rows, out / "loss_curve.png")
+    plot_losses(rows, local / "loss_curve.png")
     return {**summary, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,9 +26,10 @@ from raydistill.errors import DataError, RaydistillError
 from raydistill.manifest import write_manifest
 from raydistill.models import resolve_model
 from raydistill.outputs import ResumableOutput, resumable_output
-from raydistill.progress import Progress, parquet_rows
-from raydistill.runtime import init_ray
+from raydistill.progress import ParquetRows, Progress
+from raydistill.runtime import check_written, connect
 from raydistill.schema import parquet_files
+from raydistill.storage import Location, location, write_parquet
 from raydistill.tasks.pipeline_tasks import RunTask, run_tasks, specs_by_key
 from raydistill.teacher.ledger import put_finished_samples
 from raydistill.teacher.requests import TeacherRequests, parse_outputs, sample_hash, sample_key
@@ -86,13 +86,14 @@ def processor_config(cfg: TeacherConfig, model_path: str) -> Any:
     )
 
 
-def generate(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False) -> Path:
+def generate(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False) -> Location:
     """Label the queries with the teacher; with ``resume``, finish an interrupted run exactly once."""
     started = time.time()
-    out = resumable_output(Path(cfg.run_dir) / "samples", overwrite=overwrite, resume=resume, what="samples directory")
+    samples_dir = location(cfg.run_dir) / "samples"
+    out = resumable_output(samples_dir, overwrite=overwrite, resume=resume, what="samples directory")
     if out is None:
-        logger.info("generate: %s is complete; nothing to resume", Path(cfg.run_dir) / "samples")
-        return Path(cfg.run_dir) / "samples"
+        logger.info("generate: %s is complete; nothing to resume", samples_dir)
+        return samples_dir
     # Everything that can be wrong with the inputs fails here, before Ray and the engines start.
     tasks = run_tasks(cfg)
     model_path = resolve_model(cfg.teacher.model)
@@ -130,7 +131,7 @@ def _generate_into(cfg: PipelineConfig, out: ResumableOutput, tasks: list[RunTas
     import ray.data
     from ray.data.llm import build_processor
 
-    init_ray(cfg.cluster)
+    connect(cfg)
     done_ref, n_done, torn = put_finished_samples(out.partial) if out.resumed else (None, 0, 0)
     if out.resumed:
         logger.info("generate: resuming: %d samples already written, %d torn file(s) deleted", n_done, torn)
@@ -158,13 +159,14 @@ def _generate_into(cfg: PipelineConfig, out: ResumableOutput, tasks: list[RunTas
     )
     t0 = time.time()
     total = len(tasks) * cfg.teacher.max_rows * cfg.teacher.samples_per_query if cfg.teacher.max_rows else None
-    with Progress("generate", lambda: parquet_rows(out.partial), total, "samples"):
-        samples.write_parquet(str(out.partial), min_rows_per_file=cfg.teacher.rows_per_file)
+    with Progress("generate", ParquetRows(out.partial), total, "samples"):
+        written = write_parquet(samples, out.partial, min_rows_per_file=cfg.teacher.rows_per_file)
     wall = time.time() - t0
     summary = summarize_files(parquet_files(out.partial), [t.key for t in tasks])
-    if summary["rows"] == 0:
+    if summary["rows"] == 0 and written == 0:
         raise DataError(f"no queries read from {[s.uri for s in sources]}; check the files and queries.text_column")
     new_rows = summary["rows"] - n_done
+    check_written("generate", written, new_rows, out.partial)
     summary.update(resumed_samples=n_done, torn_files=torn, wall_s=round(wall, 1),
                    samples_per_s=round(new_rows / wall, 2) if wall > 0 else None)
     return summary

@@ -29,17 +29,21 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from raydistill.schema import parquet_files
+from raydistill.storage import Location, location
 from raydistill.teacher.requests import sample_hash, sample_key
 
 logger = logging.getLogger(__name__)
 
 
-def file_sample_hashes(path: str | Path) -> np.ndarray | None:
-    """The sample hashes of one Parquet file of samples (unsorted), or None for a torn file."""
+def file_sample_hashes(path: str | Path | Location) -> np.ndarray | None:
+    """The sample hashes of one Parquet file of samples (unsorted), or None for a torn file
+    (on an object store a file is all there or absent: only a local or mounted folder tears)."""
+    loc = location(path)
     try:
-        table = pq.read_table(path, columns=["id", "sample_index"])
+        table = pq.read_table(loc.path, columns=["id", "sample_index"], filesystem=loc.fs)
     except Exception as exc:  # no footer / truncated: written when the run died
-        logger.warning("resume: torn file %s (%s)", Path(path).name, exc)
+        logger.warning("resume: torn file %s (%s)", loc.name, exc)
         return None
     ids, ks = table["id"].to_pylist(), table["sample_index"].to_pylist()
     return np.fromiter((sample_hash(sample_key(i, k)) for i, k in zip(ids, ks)), dtype=np.uint64, count=len(ids))
@@ -50,14 +54,14 @@ def merge_hashes(*parts: np.ndarray) -> np.ndarray:
     return np.unique(np.concatenate(parts)) if parts else np.array([], dtype=np.uint64)
 
 
-def finished_samples(folder: str | Path) -> tuple[np.ndarray, int]:
+def finished_samples(folder: str | Path | Location) -> tuple[np.ndarray, int]:
     """In this process: the sorted sample hashes of the readable Parquet files of ``folder``, and
     the number of torn files deleted. ``put_finished_samples`` does the same in Ray."""
     parts, torn = [], 0
-    for path in sorted(Path(folder).glob("*.parquet")):
-        hashes = file_sample_hashes(path)
+    for uri in parquet_files(folder):
+        hashes = file_sample_hashes(uri)
         if hashes is None:
-            path.unlink()
+            location(uri).delete()
             torn += 1
         else:
             parts.append(hashes)
@@ -76,19 +80,19 @@ def _finished_in_ray(paths: list[str]) -> tuple[np.ndarray, int, list[str]]:
     return merged, len(merged), torn
 
 
-def put_finished_samples(folder: str | Path) -> tuple[Any, int, int]:
+def put_finished_samples(folder: str | Path | Location) -> tuple[Any, int, int]:
     """``finished_samples`` done by Ray tasks, the sorted array left in the object store:
     (its object ref, or None when nothing is finished; samples; torn files deleted). The driver
     never holds the keys, so its memory does not grow with the output."""
     import ray
 
-    paths = sorted(str(p) for p in Path(folder).glob("*.parquet"))
+    paths = parquet_files(folder)
     if not paths:
         return None, 0, 0
     task: Any = ray.remote(num_cpus=0, num_returns=3)(_finished_in_ray)
     done_ref, n_ref, torn_ref = task.remote(paths)
     n, torn = ray.get([n_ref, torn_ref])
     for path in torn:
-        logger.warning("resume: deleting torn file %s", Path(path).name)
-        Path(path).unlink()
+        logger.warning("resume: deleting torn file %s", location(path).name)
+        location(path).delete()
     return (done_ref if n else None), int(n), len(torn)

@@ -83,8 +83,15 @@ def test_micro_batches_group_into_steps_across_epochs():
 
 def test_loop_config_round_trips_through_ray_train_dict(tmp_path):
     cfg = LoopConfig(train=TrainConfig(method="full", zero_stage=3), model_path="/m", total_steps=7, pad_token_id=2,
-                     export_dir=tmp_path / "student", has_val=True, run_dir=tmp_path)
+                     export_uri=str(tmp_path / "student"), has_val=True, run_dir=str(tmp_path))
     as_ray = cfg.to_ray()
-    assert isinstance(as_ray["train"], dict) and isinstance(as_ray["export_dir"], str)
+    assert isinstance(as_ray["train"], dict) and isinstance(as_ray["export_uri"], str)
     assert LoopConfig.from_ray(as_ray) == cfg
-    assert cfg.metrics_path == tmp_path / "student" / "metrics.jsonl"
+    assert cfg.metrics_path == tmp_path / "student" / "metrics.jsonl"  # local run storage: written in place
+
+
+def test_loop_config_exports_through_a_node_local_folder_for_object_storage():
+    cfg = LoopConfig(train=TrainConfig(), model_path="/m", total_steps=1, pad_token_id=2,
+                     export_uri="s3://bucket/run/.student.tmp-1", has_val=False, run_dir="s3://bucket/run")
+    assert cfg.export.remote and not str(cfg.export_dir).startswith("s3:")
+    assert cfg.export_dir.is_absolute() and cfg.metrics_path.parent == cfg.export_dir
