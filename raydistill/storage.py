@@ -68,7 +68,7 @@ class Location:
     """A file or folder in run storage: a local path or a filesystem URI."""
 
     def __init__(self, uri: str | Path | Location):
-        self.uri = uri.uri if isinstance(uri, Location) else _normalize(str(uri))
+        self.uri: str = uri.uri if isinstance(uri, Location) else _normalize(str(uri))
         self._fs: pafs.FileSystem | None = None
         self._path: str | None = None
 
