@@ -22,6 +22,15 @@ KUBERAY = REPO / "cluster" / "kuberay"
 LAUNCHER = REPO / "cluster" / "launcher" / "aws-gpu.yaml"
 K8S_VERSION = "1.33"
 STAGES = ("generate", "train", "serve", "evaluate", "run")
+# The one image every manifest runs: cluster/Dockerfile's documented tag, <registry>/raydistill:<version>-gpu
+# (a placeholder registry; the version is pyproject.toml's).
+IMAGE = "registry.example.com/your-org/raydistill:0.1.0-gpu"
+# rayproject/ray images run as the user `ray`: uid 1000, primary group `users` (gid 100).
+RAY_UID, RAY_GID = 1000, 100
+OBJECT_STORE_SECRET = "raydistill-object-store"
+# The KubeRay manifests holding a Ray cluster spec, and where in each the spec sits.
+CLUSTER_SPECS = {"raycluster.yaml": ("spec",), "rayjob.yaml": ("spec", "rayClusterSpec"),
+                 "rayservice.yaml": ("spec", "rayClusterConfig")}
 
 
 def load(path: Path) -> dict:
@@ -35,6 +44,23 @@ def pod_templates(cluster_spec: dict) -> list[dict]:
 
 def as_pod(template: dict) -> dict:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "check"}, "spec": template["spec"]}
+
+
+def all_pod_templates() -> list[tuple[str, dict]]:
+    """(file name, pod template) for every head and worker group of every KubeRay manifest."""
+    found = []
+    for name, keys in CLUSTER_SPECS.items():
+        spec = load(KUBERAY / name)
+        for key in keys:
+            spec = spec[key]
+        found += [(name, template) for template in pod_templates(spec)]
+    return found
+
+
+def project_version() -> str:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +79,8 @@ def test_raycluster_matches_pinned_ray_and_declares_gpus(raycluster):
     assert spec["rayVersion"] == ray.__version__
     for template in pod_templates(spec):
         for container in template["spec"]["containers"]:
-            assert re.fullmatch(rf"rayproject/ray:{re.escape(ray.__version__)}-py311-gpu", container["image"])
+            # was the bare rayproject/ray:<ray>-py311-gpu; cluster/Dockerfile's image (FROM that one) adds raydistill
+            assert container["image"] == IMAGE, "the pods run cluster/Dockerfile's image, not the bare Ray image"
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # the head runs no work
     assert spec["enableInTreeAutoscaling"] is True
     for group in spec["workerGroupSpecs"]:
@@ -75,6 +102,10 @@ def test_the_validator_rejects_a_broken_pod_template(raycluster):
         kubernetes_validate.validate(as_pod(broken), K8S_VERSION, strict=True)
 
 
+def without_pip(runtime_env: dict) -> dict:
+    return {key: value for key, value in runtime_env.items() if key != "pip"}
+
+
 def test_rayjob_runs_a_real_entrypoint_on_the_same_cluster(raycluster, rayjob):
     assert rayjob["kind"] == "RayJob"
     assert rayjob["spec"]["rayClusterSpec"] == raycluster["spec"]
@@ -84,8 +115,10 @@ def test_rayjob_runs_a_real_entrypoint_on_the_same_cluster(raycluster, rayjob):
     cfg = load_config(REPO / argv[3])
     assert cfg.teacher.accelerator == "gpu" and cfg.train.use_gpu
     runtime_env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])
-    assert runtime_env.pop("working_dir").endswith(".zip")  # a cluster-fetchable archive
-    assert runtime_env == load(REPO / "jobs" / "runtime_env_gpu.yaml")
+    working_dir = runtime_env.pop("working_dir")
+    assert working_dir.endswith(f"/v{project_version()}.zip")  # a cluster-fetchable archive: the image's version
+    assert runtime_env == without_pip(load(REPO / "jobs" / "runtime_env_gpu.yaml")), (
+        "the RayJob's runtime env is jobs/runtime_env_gpu.yaml less `pip`: the image already holds that stack")
 
 
 def test_rayservice_serves_the_app_builder_on_the_same_cluster(raycluster):
@@ -103,8 +136,9 @@ def test_rayservice_serves_the_app_builder_on_the_same_cluster(raycluster):
     cfg = load_config(REPO / application.args["config"])
     assert cfg.serve.accelerator == "gpu" and cfg.serve.host == "0.0.0.0"
     runtime_env = dict(application.runtime_env)
-    assert runtime_env.pop("working_dir").endswith(".zip")
-    assert runtime_env == load(REPO / "jobs" / "runtime_env_gpu.yaml")
+    assert runtime_env.pop("working_dir").endswith(f"/v{project_version()}.zip")
+    assert runtime_env == without_pip(load(REPO / "jobs" / "runtime_env_gpu.yaml")), (
+        "the Serve app's runtime env is jobs/runtime_env_gpu.yaml less `pip`: the image already holds that stack")
 
 
 def test_serve_run_builds_the_app_from_its_arguments(tmp_path):
@@ -130,7 +164,7 @@ def test_launcher_yaml_is_valid_for_ray_and_matches_kuberay(raycluster):
     schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
     config = load(LAUNCHER)
     jsonschema.validate(config, schema)
-    assert config["docker"]["image"] == pod_templates(raycluster["spec"])[0]["spec"]["containers"][0]["image"]
+    assert config["docker"]["image"] == pod_templates(raycluster["spec"])[0]["spec"]["containers"][0]["image"] == IMAGE
     workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
     assert workers and all(t["max_workers"] >= 1 for t in workers)
     assert config["available_node_types"][config["head_node_type"]]["resources"] == {"CPU": 0}
@@ -210,7 +244,127 @@ def test_one_pinned_gpu_stack_everywhere():
     runtime = {r.split("==")[0].lower(): r.split("==")[1] for r in load(REPO / "jobs" / "runtime_env_gpu.yaml")["pip"]["packages"]}
     assert runtime == {k: v for k, v in gpu.items() if k != "ray"}  # Ray comes with the image
     dockerfile = (REPO / "cluster" / "Dockerfile").read_text()
-    assert f"FROM rayproject/ray:{gpu['ray']}-py311-gpu" in dockerfile and "-c /tmp/constraints-gpu.txt" in dockerfile
-    assert all(name in dockerfile.split("RUN pip install")[1] for name in runtime)
+    assert f"FROM rayproject/ray:{gpu['ray']}-py311-gpu" in dockerfile
+    # The image installs raydistill[gpu] under constraints-gpu.txt (no package list of its own, so
+    # nothing to keep in step): every pin must then reach a requirement of raydistill[gpu].
+    assert re.search(r'pip install [^\n]*-c /tmp/raydistill/constraints-gpu\.txt "/tmp/raydistill\[gpu\]"', dockerfile)
+    stray = set(gpu) - gpu_extra_requirements() - set(PULLED_IN)
+    assert not stray, f"pins in constraints-gpu.txt that raydistill[gpu] never asks for: {sorted(stray)}"
     extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
     assert f"vllm=={gpu['vllm']}" in extra
+
+
+def gpu_extra_requirements() -> set[str]:
+    """The distribution names `pip install "raydistill[gpu]"` asks for directly."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = [Requirement(r) for r in [*project["dependencies"], *project["optional-dependencies"]["gpu"]]]
+    names = {r.name.lower() for r in requirements}
+    if any(r.name == "langcodes" and "data" in r.extras for r in requirements):
+        names.add("language_data")
+    return names
+
+
+# The manifests of cluster/ as Kubernetes and the cluster launcher read them: pure checks on the files.
+
+CLUSTER_YAML = sorted((REPO / "cluster").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CLUSTER_YAML, ids=lambda p: str(p.relative_to(REPO / "cluster")))
+def test_every_manifest_parses(path):
+    documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert documents and all(isinstance(d, dict) for d in documents)
+    if path.parent == KUBERAY:
+        assert all({"apiVersion", "kind", "metadata"} <= set(d) for d in documents)
+        for document in documents:  # the YAML held in strings parses too
+            for embedded in ("runtimeEnvYAML", "serveConfigV2"):
+                if embedded in document.get("spec", {}):
+                    assert isinstance(yaml.safe_load(document["spec"][embedded]), dict)
+
+
+def test_every_kuberay_manifest_is_checked():
+    assert {p.name for p in KUBERAY.glob("*.yaml")} == {*CLUSTER_SPECS, "shared-pvc.yaml", "serviceaccount.yaml"}
+
+
+def test_shared_pvc_and_service_account_are_valid_kubernetes():
+    (pvc,) = yaml.safe_load_all((KUBERAY / "shared-pvc.yaml").read_text())
+    kubernetes_validate.validate(pvc, K8S_VERSION, strict=True)
+    assert pvc["kind"] == "PersistentVolumeClaim" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["spec"]["resources"]["requests"]["storage"]
+    # storageClassName stays a placeholder to replace: a default (usually ReadWriteOnce) class would not do
+    assert pvc["spec"]["storageClassName"] == "replace-me-rwx"
+    assert "PLACEHOLDER" in (KUBERAY / "shared-pvc.yaml").read_text()
+    (account,) = yaml.safe_load_all((KUBERAY / "serviceaccount.yaml").read_text())
+    kubernetes_validate.validate(account, K8S_VERSION, strict=True)
+    assert account["kind"] == "ServiceAccount"
+    text = (KUBERAY / "serviceaccount.yaml").read_text()
+    assert "eks.amazonaws.com/role-arn" in text and "iam.gke.io/gcp-service-account" in text  # commented placeholders
+
+
+def test_every_mounted_claim_is_defined_in_shared_pvc():
+    defined = {d["metadata"]["name"] for d in yaml.safe_load_all((KUBERAY / "shared-pvc.yaml").read_text())
+               if d["kind"] == "PersistentVolumeClaim"}
+    mounted = {}
+    for name, template in all_pod_templates():
+        for volume in template["spec"].get("volumes", []):
+            if "persistentVolumeClaim" in volume:
+                mounted.setdefault(volume["persistentVolumeClaim"]["claimName"], set()).add(name)
+    assert mounted and set(mounted) <= defined, f"claims without a PVC in shared-pvc.yaml: {set(mounted) - defined}"
+    for name in set().union(*mounted.values()):  # the manifest says to apply the PVC first
+        assert "shared-pvc.yaml" in (KUBERAY / name).read_text(), name
+
+
+def test_every_pod_runs_as_the_ray_user_with_the_service_account_and_the_optional_secret():
+    (account,) = yaml.safe_load_all((KUBERAY / "serviceaccount.yaml").read_text())
+    templates = all_pod_templates()
+    assert len(templates) == 2 * len(CLUSTER_SPECS)  # a head and a worker group each
+    for name, template in templates:
+        spec = template["spec"]
+        security = spec.get("securityContext", {})
+        assert security.get("fsGroup") == RAY_GID, f"{name}: fsGroup {RAY_GID} makes the shared volume writable"
+        assert (security.get("runAsUser"), security.get("runAsGroup")) == (RAY_UID, RAY_GID), name
+        assert spec.get("serviceAccountName") == account["metadata"]["name"], name
+        for container in spec["containers"]:
+            secrets = [source["secretRef"] for source in container.get("envFrom", []) if "secretRef" in source]
+            assert {"name": OBJECT_STORE_SECRET, "optional": True} in secrets, f"{name}: {container['name']}"
+
+
+def test_every_image_is_the_dockerfiles_tag():
+    dockerfile = (REPO / "cluster" / "Dockerfile").read_text()
+    (documented,) = re.findall(r"docker build -f cluster/Dockerfile -t (\S+) \.", dockerfile)
+    assert documented == IMAGE and f"docker push {IMAGE}" in dockerfile
+    name, tag = IMAGE.rsplit(":", 1)
+    assert name.endswith("/raydistill") and tag == f"{project_version()}-gpu"
+    images = {(name, c["name"]): c["image"] for name, t in all_pod_templates() for c in t["spec"]["containers"]}
+    launcher = load(LAUNCHER)["docker"]
+    images |= {("aws-gpu.yaml", key): launcher[key] for key in ("image", "head_image", "worker_image") if key in launcher}
+    wrong = {where: image for where, image in images.items() if image != IMAGE}
+    assert len(images) == 2 * len(CLUSTER_SPECS) + 1 and not wrong, wrong
+    readme = (REPO / "cluster" / "README.md").read_text()
+    assert IMAGE in readme and f"rayproject/ray:{ray.__version__}-py311-gpu" in readme  # the image, and the bare alternative
+
+
+def test_the_dockerfile_installs_raydistill_itself():
+    dockerfile = (REPO / "cluster" / "Dockerfile").read_text()
+    lines = [ln for ln in dockerfile.replace("\\\n", " ").splitlines() if ln and not ln.startswith("#")]
+    copied = {src for ln in lines if ln.startswith("COPY") for src in ln.split()[1:-1] if not src.startswith("--")}
+    assert {"pyproject.toml", "README.md", "constraints-gpu.txt", "raydistill/", "jobs/"} <= copied
+    assert all("--chown=1000:100" in ln for ln in lines if ln.startswith("COPY"))  # pip builds in the copy, as uid 1000
+    (install,) = [ln for ln in lines if ln.startswith("RUN pip install")]
+    assert '"/tmp/raydistill[gpu]"' in install and " -e " not in install and "--editable" not in install
+    # the build context: cluster/Dockerfile.dockerignore ignores everything but what is copied
+    ignore = [ln for ln in (REPO / "cluster" / "Dockerfile.dockerignore").read_text().splitlines() if ln and ln[0] != "#"]
+    assert ignore[0] == "*" and all(f"!{src}" in ignore for src in copied)
+    assert "ENV PYTHONPATH=/home/ray/raydistill" in lines and any("/home/ray/raydistill/jobs/" in ln for ln in lines)
+
+
+def test_gpu_runtime_env_allows_time_to_install_the_stack():
+    from ray.runtime_env import RuntimeEnv, RuntimeEnvConfig
+
+    env = load(REPO / "jobs" / "runtime_env_gpu.yaml")
+    config = env["config"]
+    assert set(config) <= RuntimeEnvConfig.known_fields  # Ray only warns about a misspelt key
+    assert isinstance(config["setup_timeout_seconds"], int) and config["setup_timeout_seconds"] >= 1800
+    RuntimeEnv(**env)  # Ray's own validation of the whole env, no cluster needed
