@@ -67,7 +67,12 @@ def read_queries(source: Source, cfg: QueriesConfig) -> ray.data.Dataset:
         "csv": lambda: ray.data.read_csv(files, **kwargs),
         "text": lambda: ray.data.read_text(files, drop_empty_lines=True, **kwargs),
     }
-    ds = readers[source.format]()
+    if source.on_driver and source.format == "jsonl":
+        import pyarrow.json as pajson
+
+        ds = ray.data.from_arrow([pajson.read_json(f) for f in files])
+    else:
+        ds = readers[source.format]()
     text_column, id_column, gold_column = cfg.text_column, cfg.id_column, cfg.gold_column
     if source.format == "text":
         text_column, id_column, gold_column = "text", None, None

@@ -30,6 +30,9 @@ class Source:
     filesystem: pafs.FileSystem
     files: tuple[str, ...]
     format: str
+    # Built-in queries live in the driver's cache, which other nodes of a cluster do not see:
+    # they are small (a few thousand rows) and read on the driver, then handed to Ray.
+    on_driver: bool = False
 
 
 def _split_glob(path: str) -> tuple[str, str | None]:
@@ -52,7 +55,8 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 def resolve_source(uri: str) -> Source:
     """A file, directory (recursive), glob or URI → its query files; errors name what to fix."""
-    if uri.startswith(BUILTIN_PREFIX):
+    on_driver = uri.startswith(BUILTIN_PREFIX)
+    if on_driver:
         from raydistill.data.builtin import builtin_queries_path
 
         uri = builtin_queries_path(uri[len(BUILTIN_PREFIX) :])
@@ -83,7 +87,7 @@ def resolve_source(uri: str) -> Source:
         raise DataError(f"query source {uri!r} mixes formats {sorted(formats)}; keep one format per source")
     if all(size == 0 for _, size in files):
         raise DataError(f"query source {uri!r} is empty; add one query per row/line")
-    return Source(uri=uri, filesystem=fs, files=tuple(f for f, _ in files), format=formats.pop())
+    return Source(uri=uri, filesystem=fs, files=tuple(f for f, _ in files), format=formats.pop(), on_driver=on_driver)
 
 
 def first_columns(source: Source) -> list[str]:
