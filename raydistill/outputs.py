@@ -24,8 +24,8 @@ def check_output(path: str | Path | Location, *, overwrite: bool, what: str) -> 
 @dataclass
 class Staged:
     """Where a stage writes an output until it is whole: ``partial`` in run storage (what Ray
-    tasks write into) and ``local``, a folder on the driver's disk for the files the driver
-    makes (reports, plots, the manifest). For a local run directory they are the same folder."""
+    tasks write into) and ``local``, a scratch folder on the driver's disk for the files the
+    driver makes (reports, plots, the manifest), moved into ``partial`` at the end."""
 
     partial: Location
     local: Path
@@ -38,12 +38,9 @@ def staged_output(final: str | Path | Location) -> Iterator[Staged]:
     partial = final.sibling(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     partial.mkdir()
     try:
-        if partial.remote:
-            with scratch() as local:
-                yield Staged(partial, local)
-                partial.upload(local)
-        else:
-            yield Staged(partial, partial.local_path())
+        with scratch() as local:
+            yield Staged(partial, local)
+            partial.upload(local)
     except BaseException:
         partial.delete()
         raise

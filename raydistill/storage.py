@@ -240,15 +240,21 @@ class Location:
             raise storage_error(self.uri, exc) from None
 
     def upload(self, local_dir: Path) -> None:
-        """Copy a local folder's files into this folder (merging with what is there)."""
+        """Move a local folder's files into this folder (merging with what is there): renamed
+        where the run directory is on the same local filesystem, else copied; the local folder
+        is gone afterwards."""
         try:
-            if not self.remote:
-                shutil.copytree(local_dir, self.path, dirs_exist_ok=True)
-                return
-            pafs.copy_files(str(local_dir), self.path, source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=self.fs)
+            if self.remote:
+                pafs.copy_files(str(local_dir), self.path, source_filesystem=pafs.LocalFileSystem(),
+                                destination_filesystem=self.fs)
+            else:
+                for src in sorted(p for p in local_dir.rglob("*") if not p.is_dir()):
+                    dst = Path(self.path) / src.relative_to(local_dir)
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(src, dst)
         except OSError as exc:
             raise storage_error(self.uri, exc) from None
+        shutil.rmtree(local_dir, ignore_errors=True)
 
     def download(self, local_dir: Path) -> None:
         """Copy this folder's files (all of them) into a local folder."""

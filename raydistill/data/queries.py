@@ -67,6 +67,7 @@ def read_queries(source: Source, cfg: QueriesConfig) -> ray.data.Dataset:
         "csv": lambda: ray.data.read_csv(files, **kwargs),
         "text": lambda: ray.data.read_text(files, drop_empty_lines=True, **kwargs),
     }
+    ds: ray.data.Dataset
     if source.on_driver and source.format == "jsonl":
         import pyarrow.json as pajson
 

@@ -355,6 +355,23 @@ def replica_options(serve_cfg: ServeConfig) -> dict[str, Any]:
         "target_ongoing_requests": auto.target_ongoing_requests}}
 
 
+def running_http(serve_cfg: ServeConfig) -> tuple[str, int]:
+    """The HTTP host and port of the Serve instance the app joined: on a cluster where Serve was
+    started before (by another application), its options hold, not ``serve.host``/``serve.port``."""
+    try:  # a private accessor; the configured values are the answer wherever it is missing
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client()
+        assert client is not None
+        host, port = str(client.http_config.host), int(client.http_config.port)
+    except Exception:  # noqa: BLE001
+        return serve_cfg.host, serve_cfg.port
+    if (host, port) != (serve_cfg.host, serve_cfg.port):
+        logger.warning("Serve already runs on this cluster with HTTP %s:%d; serving there (serve.host=%s, "
+                       "serve.port=%d do not apply)", host, port, serve_cfg.host, serve_cfg.port)
+    return host, port
+
+
 def start(app: Any, serve_cfg: ServeConfig) -> str:
     """Run the app on host:port and return its base URL. On a cluster where Serve runs already
     (other apps), its HTTP options stay as they are and this app is added beside the others."""
@@ -363,9 +380,11 @@ def start(app: Any, serve_cfg: ServeConfig) -> str:
 
     serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port}, proxy_location=serve_cfg.proxy_location)
     serve.run(app, name=serve_cfg.app_name, route_prefix=serve_cfg.route_prefix)
+    host, port = running_http(serve_cfg)
     # A proxy binding every interface is reached at this node's address: the driver's node, where
     # the head's proxy always runs, and an address every node can reach (127.0.0.1 is not).
-    host = ray.util.get_node_ip_address() if serve_cfg.host in ("0.0.0.0", "::") else serve_cfg.host
-    url = f"http://{host}:{serve_cfg.port}{serve_cfg.route_prefix.rstrip('/')}"
+    if host in ("0.0.0.0", "::"):
+        host = ray.util.get_node_ip_address()
+    url = f"http://{host}:{port}{serve_cfg.route_prefix.rstrip('/')}"
     logger.info("serving OpenAI-compatible API at %s/v1 (models: /v1/models)", url)
     return url

@@ -12,7 +12,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import shutil
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -73,7 +72,7 @@ def setup(cfg: LoopConfig) -> Worker:
     memory.after_engine()
     state = LoopState(lora=cfg.train.method == "lora")
     if rank == 0:
-        cfg.export_dir.mkdir(parents=True, exist_ok=True)  # a node-local folder when run storage is remote
+        cfg.export_dir.mkdir(parents=True, exist_ok=True)  # on this node; moved into run storage at the end
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a retried worker group, or a re-run of a killed driver
         state = restore(engine, checkpoint, cfg.metrics_path, rank)
@@ -220,9 +219,7 @@ def finish(w: Worker, train_wall: float) -> None:
     if w.rank == 0:
         summary = train_summary(w, train_wall, peak_train)
         (w.cfg.export_dir / "train_summary.json").write_text(json.dumps(summary))
-        if w.cfg.export.remote:  # the student and its metrics into run storage, then off this node
-            w.cfg.export.upload(w.cfg.export_dir)
-            shutil.rmtree(w.cfg.export_dir, ignore_errors=True)
+        w.cfg.export.upload(w.cfg.export_dir)  # the student and its metrics into run storage, off this node
 
 
 METRICS_SYNC_S = 10.0
@@ -230,10 +227,10 @@ _metrics_synced_at = 0.0
 
 
 def sync_metrics(cfg: LoopConfig, *, force: bool = False) -> None:
-    """Rank 0, remote run storage: copy metrics.jsonl there at most every METRICS_SYNC_S (one
-    small PUT), so the driver's progress line moves; the final copy goes with the export."""
+    """Rank 0: copy metrics.jsonl into run storage at most every METRICS_SYNC_S (on an object
+    store one small PUT), so the driver's progress line moves; the final copy goes with the export."""
     global _metrics_synced_at
-    if not cfg.export.remote or (not force and time.time() - _metrics_synced_at < METRICS_SYNC_S):
+    if not force and time.time() - _metrics_synced_at < METRICS_SYNC_S:
         return
     (cfg.export / "metrics.jsonl").write_bytes(cfg.metrics_path.read_bytes())
     _metrics_synced_at = time.time()

@@ -35,11 +35,10 @@ class LoopConfig(BaseModel):
 
     @property
     def export_dir(self) -> Path:
-        """Where rank 0 writes the student and its metrics: the staged folder itself when run
-        storage is a local (or mounted) folder; else a folder on this node, uploaded at the end
-        (``metrics.jsonl`` also every ``METRICS_SYNC_S``, for the driver's progress line)."""
-        if not self.export.remote:
-            return Path(self.export_uri)
+        """Where rank 0 writes the student and its metrics: a folder on its own node, moved into
+        run storage at the end (``metrics.jsonl`` copied there every ``METRICS_SYNC_S`` too, for
+        the driver's progress line): rank 0 runs on any node, not necessarily one that sees a
+        local run directory's disk."""
         key = hashlib.sha256(self.export_uri.encode()).hexdigest()[:12]
         return Path(tempfile.gettempdir()) / f"raydistill-export-{key}"
 

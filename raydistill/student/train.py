@@ -235,7 +235,7 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
             result = trainer.fit()
         if result.error:
             raise result.error
-        tmp = staged.local  # the driver's files; with remote run storage uploaded beside rank 0's
+        tmp = staged.local  # the driver's files, moved into run storage beside rank 0's
         tokenizer.save_pretrained(tmp / "merged")
         if cfg.train.method == "lora":
             tokenizer.save_pretrained(tmp / "adapter")

@@ -87,11 +87,12 @@ def test_loop_config_round_trips_through_ray_train_dict(tmp_path):
     as_ray = cfg.to_ray()
     assert isinstance(as_ray["train"], dict) and isinstance(as_ray["export_uri"], str)
     assert LoopConfig.from_ray(as_ray) == cfg
-    assert cfg.metrics_path == tmp_path / "student" / "metrics.jsonl"  # local run storage: written in place
 
 
-def test_loop_config_exports_through_a_node_local_folder_for_object_storage():
+
+@pytest.mark.parametrize("export_uri", ["s3://bucket/run/.student.tmp-1", "/shared/run/.student.tmp-1"])
+def test_rank_0_exports_through_a_folder_of_its_own_node(export_uri):
     cfg = LoopConfig(train=TrainConfig(), model_path="/m", total_steps=1, pad_token_id=2,
-                     export_uri="s3://bucket/run/.student.tmp-1", has_val=False, run_dir="s3://bucket/run")
-    assert cfg.export.remote and not str(cfg.export_dir).startswith("s3:")
+                     export_uri=export_uri, has_val=False, run_dir=export_uri.rsplit("/", 1)[0])
+    assert cfg.export.uri == export_uri and not str(cfg.export_dir).startswith(("s3:", "/shared"))
     assert cfg.export_dir.is_absolute() and cfg.metrics_path.parent == cfg.export_dir

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+from pathlib import Path
 from unittest import mock
 
 import pyarrow as pa
@@ -135,9 +136,43 @@ def test_a_model_in_object_storage_is_fetched_once_per_version(s3_env, tmp_path,
     model = Location("s3://bucket/run/student/merged")
     (model / "config.json").write_text('{"v": 1}')
     first = node_local(model.uri)
-    assert first.startswith(str(tmp_path / "cache")) and open(os.path.join(first, "config.json")).read() == '{"v": 1}'
+    assert first.startswith(str(tmp_path / "cache")) and Path(first, "config.json").read_text() == '{"v": 1}'
     assert node_local(model.uri) == first  # cached
     (model / "config.json").write_text('{"v": 2, "retrained": true}')
     second = node_local(model.uri)
-    assert second != first and "retrained" in open(os.path.join(second, "config.json")).read()
+    assert second != first and "retrained" in Path(second, "config.json").read_text()
     assert node_local(str(tmp_path)) == str(tmp_path)  # a local path is used as it is
+
+
+@pytest.mark.parametrize("problem", ["missing bucket", "unreachable endpoint"])
+def test_bad_object_storage_fails_the_cli_in_one_line_before_any_work(problem, s3_env, tmp_path, capsys):
+    import yaml
+
+    from raydistill.cli import main
+
+    (tmp_path / "q.jsonl").write_text('{"text": "bonjour"}\n')
+    run_dir = "s3://no-such-bucket/run" if problem == "missing bucket" else "s3://bucket/cli-run"
+    config = {"run_dir": run_dir, "queries": {"train_path": str(tmp_path / "q.jsonl"), "eval_path": str(tmp_path / "q.jsonl")},
+              "teacher": {"model": "org/model"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"} if problem == "unreachable endpoint" else {}  # nothing listens on 9
+    with mock.patch.dict(os.environ, env):
+        assert main(["generate", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("raydistill: error: cannot use run storage 's3://")
+    assert "AWS_ENDPOINT_URL" in err[0] and "bucket exists" in err[0]
+    if problem == "missing bucket":
+        assert in_moto("no-such-bucket") is None
+    else:
+        assert in_moto("bucket", "cli-run/") == [], "nothing written"
+
+
+def in_moto(bucket: str, prefix: str = "") -> list[str] | None:
+    """The keys under a prefix of a bucket on the moto server (None: no such bucket)."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    try:
+        return [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+    except client.exceptions.NoSuchBucket:
+        return None
