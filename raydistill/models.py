@@ -46,6 +46,37 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def _model_here(name: str, path: str) -> str | None:
+    """On one node: None when the model the driver resolved to ``path`` is there (a built-in one
+    is materialized first), else why not."""
+    try:
+        if name.startswith(BUILTIN_PREFIX):
+            here = str(materialize_builtin(name[len(BUILTIN_PREFIX):]))
+            return None if here == path else f"its cache puts it at {here!r}, not {path!r}"
+        return None if (Path(path) / "config.json").is_file() else f"{path!r} is not there"
+    except Exception as exc:  # noqa: BLE001 - any failure is the answer
+        return str(exc).splitlines()[0][:200]
+
+
+def check_models_on_nodes(models: dict[str, str]) -> None:
+    """On a cluster, every node must load each model (name → the folder the driver resolved)
+    that is a folder, not an HF id each node downloads itself: a built-in model is materialized
+    on each node, into the same path (``$RAYDISTILL_CACHE``), a local folder must exist on each."""
+    from raydistill.runtime import nodes_to_check, on_every_node
+
+    local = {name: path for name, path in models.items() if path.startswith("/")}
+    nodes = nodes_to_check() if local else []
+    for name, path in local.items():
+        missing = {node: why for node, why in on_every_node(nodes, _model_here, name, path).items() if why}
+        if missing:
+            node, why = next(iter(missing.items()))
+            fix = ("set RAYDISTILL_CACHE to the same path on every node (runtime_env env_vars; a shared mount "
+                   "materializes it once)") if name.startswith(BUILTIN_PREFIX) else \
+                "use an HF model id, or a folder every node has (a shared mount or the image)"
+            raise ModelError(f"model {name!r}: {len(missing)} of {len(nodes)} Ray nodes cannot load it (node {node}: "
+                             f"{why}); {fix}")
+
+
 def node_local(uri: str) -> str:
     """A model folder as a local path on this node: a local path as it is; one in object storage
     (a student under ``run_dir=s3://...``) downloaded once into this node's cache, keyed by the

@@ -97,6 +97,27 @@ def _probe(uri: str, token: str) -> str | None:
         return str(exc).splitlines()[0][:200]
 
 
+def nodes_to_check() -> list[dict[str, Any]]:
+    """The alive nodes whose view of files may differ from the driver's: none for the one-node
+    local Ray this process started, every node of a cluster it attached to."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return [] if _started_local and len(nodes) <= 1 else nodes
+
+
+def on_every_node(nodes: list[dict[str, Any]], fn: Any, *args: Any) -> dict[str, Any]:
+    """``fn(*args)`` as a task pinned to each node (no CPU asked: it runs on a head with none
+    too): ``"<ip> <node id>"`` → its result."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task: Any = ray.remote(num_cpus=0, max_retries=0)(fn)
+    refs = {f"{n['NodeManagerAddress']} {n['NodeID'][:8]}": task.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(*args) for n in nodes}
+    return dict(zip(refs, ray.get(list(refs.values()), timeout=900)))
+
+
 def check_shared_storage(run: Location) -> None:
     """Refuse, before any work, a run directory that some node of the cluster cannot read: the
     driver writes a marker file there and a task on every alive node reads it back. A local
@@ -105,24 +126,17 @@ def check_shared_storage(run: Location) -> None:
     A local Ray started by this process is one node on this machine: nothing to check."""
     import uuid
 
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     if run.uri in _SHARED:
         return
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if _started_local and len(nodes) <= 1:
+    nodes = nodes_to_check()
+    if not nodes:
         _SHARED.add(run.uri)
         return
     token = uuid.uuid4().hex
     marker = run / f".raydistill-probe-{token[:12]}"
     marker.write_text(token)  # on an object store: the driver's own credentials, endpoint and bucket
     try:
-        probe: Any = ray.remote(num_cpus=0, max_retries=0)(_probe)
-        refs = {n["NodeManagerAddress"] + " " + n["NodeID"][:8]: probe.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(marker.uri, token)
-            for n in nodes}
-        failed = {node: why for node, why in zip(refs, ray.get(list(refs.values()), timeout=300)) if why}
+        failed = {node: why for node, why in on_every_node(nodes, _probe, marker.uri, token).items() if why}
     finally:
         marker.delete()
     if failed:

@@ -11,7 +11,7 @@ from typing import Any
 
 from raydistill.config import PipelineConfig
 from raydistill.errors import DataError
-from raydistill.models import resolve_model
+from raydistill.models import check_models_on_nodes, resolve_model
 from raydistill.runtime import connect, started_local_ray
 from raydistill.serve.app import build_app, start
 from raydistill.storage import MANIFEST, Location, location
@@ -58,6 +58,7 @@ def start_serving(cfg: PipelineConfig, *, require_student: bool = True, with_bas
     """Deploy the run's application (see ``application``) and return the base URL once healthy."""
     app = application(cfg, require_student=require_student, with_base=with_base)
     connect(cfg)
+    check_models_on_nodes({name: resolve_model(name) for name in (cfg.teacher.model, cfg.train.student_model)})
     started = time.time()
     url = start(app, cfg.serve)
     logger.info("serve: ready in %.1f s", time.time() - started)

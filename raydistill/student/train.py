@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from raydistill.config import PipelineConfig
 from raydistill.errors import ConfigError, DataError, RunDirError
 from raydistill.manifest import write_manifest
-from raydistill.models import resolve_model
+from raydistill.models import check_models_on_nodes, resolve_model
 from raydistill.outputs import check_output, staged_output
 from raydistill.progress import Progress, last_step
 from raydistill.runtime import connect
@@ -214,6 +214,7 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
         tracking_uri = cfg.train.mlflow_tracking_uri or f"sqlite:///{run_dir.local_path() / 'mlflow.db'}"
         check_mlflow(tracking_uri)
     connect(cfg)
+    check_models_on_nodes({cfg.train.student_model: model_path})
     storage = train_storage(run_dir, overwrite=overwrite, resume=resume)
     from transformers import AutoTokenizer
 

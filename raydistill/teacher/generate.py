@@ -24,7 +24,7 @@ from raydistill.data.sources import Source, explain_read_failure
 from raydistill.engine import engine_args
 from raydistill.errors import DataError, RaydistillError
 from raydistill.manifest import write_manifest
-from raydistill.models import resolve_model
+from raydistill.models import check_models_on_nodes, resolve_model
 from raydistill.outputs import ResumableOutput, resumable_output
 from raydistill.progress import ParquetRows, Progress
 from raydistill.runtime import check_written, connect
@@ -132,6 +132,7 @@ def _generate_into(cfg: PipelineConfig, out: ResumableOutput, tasks: list[RunTas
     from ray.data.llm import build_processor
 
     connect(cfg)
+    check_models_on_nodes({cfg.teacher.model: model_path})
     done_ref, n_done, torn = put_finished_samples(out.partial) if out.resumed else (None, 0, 0)
     if out.resumed:
         logger.info("generate: resuming: %d samples already written, %d torn file(s) deleted", n_done, torn)
