@@ -250,7 +250,11 @@ class ClusterConfig(_Section):
 class PipelineConfig(_Section):
     """The whole pipeline: one YAML file."""
 
-    run_dir: str = Field(..., description="Directory all stages write into.")
+    run_dir: str = Field(..., description="Directory all stages write into: a local path, a shared mount, or a "
+                         "URI (s3://, gs://, abfs://, file://) every node of a cluster reaches.")
+    allow_prompt_change: bool = Field(
+        False, description="Use samples (generate --resume, train) or a student (serve) made with another target "
+        "prompt than the config's task; normally refused, naming both prompt hashes.")
     task: TaskConfig = TaskConfig()
     queries: QueriesConfig | None = Field(None, description="The task's queries (single-task configs; else tasks[].queries).")
     tasks: list[TaskEntry] | None = Field(

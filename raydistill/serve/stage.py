@@ -11,6 +11,7 @@ from typing import Any
 
 from raydistill.config import PipelineConfig
 from raydistill.errors import DataError
+from raydistill.identity import check_prompts, manifest_prompts
 from raydistill.models import check_models_on_nodes, resolve_model
 from raydistill.runtime import connect, started_local_ray
 from raydistill.serve.app import build_app, start
@@ -47,6 +48,8 @@ def application(cfg: PipelineConfig, *, require_student: bool = True, with_base:
     merged = student_path(cfg)
     # a committed student only: replicas load it from run storage (a URI: each downloads a copy)
     if merged.parent.complete() and (merged / "config.json").is_file():
+        check_prompts(manifest_prompts(merged.parent) or {}, tasks, f"the student in {merged.parent.uri!r}",
+                      allow=cfg.allow_prompt_change)
         paths["student"] = merged.uri
     elif require_student:
         raise DataError(f"no trained student at {merged.uri!r}; run `raydistill train` first")

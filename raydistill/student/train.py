@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from raydistill.config import PipelineConfig
 from raydistill.errors import ConfigError, DataError, RunDirError
+from raydistill.identity import check_prompts, manifest_prompts, recorded_in_files
 from raydistill.manifest import write_manifest
 from raydistill.models import check_models_on_nodes, resolve_model
 from raydistill.outputs import check_output, staged_output
@@ -202,6 +203,8 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
     samples_dir = run_dir / "samples"
     tasks = run_tasks(cfg)
     valid = check_samples(samples_dir, [t.key for t in tasks], soft=cfg.train.kl_weight > 0)
+    recorded = manifest_prompts(samples_dir) or recorded_in_files(parquet_files(samples_dir), tasks[0].key)
+    check_prompts(recorded, tasks, f"the samples in {samples_dir.uri!r}", allow=cfg.allow_prompt_change)
     n_valid = sum(valid.values())
     factors = task_factors(valid, {t.key: t.weight for t in tasks})
     model_path = resolve_model(cfg.train.student_model)
@@ -246,7 +249,8 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
         write_manifest(tmp, stage="train", config=cfg.model_dump(),
                        inputs={"samples": samples_dir.uri, "student_model": model_path,
                                "tasks": {t.key: t.spec.name for t in tasks}},
-                       counts=counts, started=started)
+                       counts=counts, started=started,
+                       extra={"prompt_sha256": {t.key: t.spec.prompt_sha256 for t in tasks}})
     logger.info("train: wrote %s (loss %s -> %s, eval loss %s)", out_dir, counts["first_loss"], counts["last_loss"],
                 counts.get("final_eval_loss"))
     return out_dir

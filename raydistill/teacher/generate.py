@@ -23,6 +23,7 @@ from raydistill.data.queries import read_task_queries, task_sources
 from raydistill.data.sources import Source, explain_read_failure
 from raydistill.engine import engine_args
 from raydistill.errors import DataError, RaydistillError
+from raydistill.identity import check_prompts, recorded_in_files
 from raydistill.manifest import write_manifest
 from raydistill.models import check_models_on_nodes, resolve_model
 from raydistill.outputs import ResumableOutput, resumable_output
@@ -98,6 +99,9 @@ def generate(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = Fal
     tasks = run_tasks(cfg)
     model_path = resolve_model(cfg.teacher.model)
     sources = task_sources(tasks, "train")
+    if out.resumed:  # the interrupted run's samples must come from the same target prompt
+        check_prompts(recorded_in_files(parquet_files(out.partial), tasks[0].key), tasks,
+                      f"the interrupted run in {out.partial.uri!r}", allow=cfg.allow_prompt_change)
     partial = out.start()
     try:
         summary = _generate_into(cfg, out, tasks, model_path, sources)

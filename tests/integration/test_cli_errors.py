@@ -143,19 +143,25 @@ def test_interrupted_output_needs_resume_or_overwrite(tmp_path):
     assert (partial / "part.parquet").read_bytes() == b"half"
 
 
-def write_samples(run: Path, *, valid: bool = True, rows: int = 8) -> Path:
-    """A samples folder as `raydistill generate` writes it (the SAMPLES schema)."""
+def write_samples(run: Path, *, valid: bool = True, rows: int = 8, prompt_sha256: str | None = None,
+                  folder: str = "samples") -> Path:
+    """A samples folder as `raydistill generate` writes it (the SAMPLES schema), by default from
+    the default task's target prompt."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from raydistill.config import TaskConfig
     from raydistill.schema import SAMPLES
+    from raydistill.tasks.task import task_for
+
+    prompt_sha256 = prompt_sha256 or task_for(TaskConfig()).prompt_sha256
 
     data: dict[str, list] = {name: [None] * rows for name in SAMPLES.names}
     data.update(id=[f"q{i}" for i in range(rows)], query=["hello there"] * rows, sample_index=[0] * rows,
-                prompt_sha256=["0" * 64] * rows, teacher_model=["t"] * rows, response=[" English"] * rows,
+                prompt_sha256=[prompt_sha256] * rows, teacher_model=["t"] * rows, response=[" English"] * rows,
                 label=["en" if valid else None] * rows, valid=[valid] * rows,
                 reject_reason=[None if valid else "no_label"] * rows)
-    samples = run / "samples"
+    samples = run / folder
     samples.mkdir(parents=True)
     pq.write_table(pa.Table.from_pydict(data, schema=SAMPLES), samples / "part-0.parquet")
     return samples
@@ -170,6 +176,7 @@ def write_samples(run: Path, *, valid: bool = True, rows: int = 8) -> Path:
         ("longer_than_context", {"max_seq_len": 100_000}, ["longer than the student's context (2048", "lower train.max_seq_len"]),
         ("unusable_mlflow_store", {"tracking": "mlflow", "mlflow_tracking_uri": "nosuch://tracking"},
          ["train.mlflow_tracking_uri=nosuch://tracking is not usable", "train.tracking=none"]),
+        ("changed_prompt", {}, ["another target prompt", "(sha256 0123456789abcdef)", "allow_prompt_change=true"]),
     ],
 )
 def test_bad_training_input_fails_before_training(tmp_path, tiny_model, case, train, needles):
@@ -181,7 +188,8 @@ def test_bad_training_input_fails_before_training(tmp_path, tiny_model, case, tr
         (run / "samples").mkdir(parents=True)
         pq.write_table(pa.table({"id": ["a"], "text": ["hello"]}), run / "samples" / "part-0.parquet")
     else:
-        write_samples(run, valid=case != "no_valid_rows")
+        write_samples(run, valid=case != "no_valid_rows",
+                      prompt_sha256="0123456789abcdef" * 4 if case == "changed_prompt" else None)
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     cfg = config(tmp_path, train={"student_model": tiny_model, **train})
     proc = (run_process if case == "no_valid_rows" else run_cli)("train", str(cfg))  # one as its own process
@@ -192,6 +200,16 @@ def test_bad_training_input_fails_before_training(tmp_path, tiny_model, case, tr
         assert needle in error_lines[0], error_lines[0]
     assert "Traceback" not in proc.stderr
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # no student, no checkpoints, samples kept
+
+
+def test_resuming_with_another_target_prompt_is_refused_and_the_run_kept(tmp_path):
+    (tmp_path / "q.jsonl").write_text('{"text": "hola"}\n')
+    partial = write_samples(tmp_path / "run", prompt_sha256="0123456789abcdef" * 4, folder=".samples.partial")
+    before = sorted(partial.iterdir())
+    proc = run_cli("generate", str(config(tmp_path)), "--resume")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "interrupted run" in proc.stderr and "(sha256 0123456789abcdef)" in proc.stderr and "allow_prompt_change" in proc.stderr
+    assert sorted(partial.iterdir()) == before  # the interrupted run is kept for a --resume with its own prompt
 
 
 def test_a_task_whose_queries_are_missing_is_named(tmp_path):
