@@ -67,12 +67,16 @@ def ray_head(tmp: Path):
     # Ray 2.60 turns on token auth for a head when a token exists (~/.ray/auth_token) but clients
     # send it only with RAY_AUTH_MODE=token; this throwaway head lives in a loopback-only network
     # namespace, so auth is off for it and its clients alike.
+    gcs_port = free_port()
+    # RAY_ADDRESS: with other test files' clusters on the machine (pytest -n), Ray Train's placement
+    # group cleaner finds "multiple active Ray instances" unless told which; no drain on SIGTERM
+    # (a head never finishes draining: each stop cost 30 s)
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
+           "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": f"127.0.0.1:{gcs_port}",
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     log = (tmp / "ray-head.log").open("w")
     head = subprocess.Popen(
-        [f"{venv_bin}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+        [f"{venv_bin}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          # the job agent's own port: its default (52365) is taken by any other Ray on the machine,
          # e.g. another test file's under pytest -n, and a head without its agent refuses every job
