@@ -305,8 +305,6 @@ def write_parquet(ds: Any, folder: Location, *, min_rows_per_file: int | None = 
     """``ds.write_parquet`` into run storage; returns the rows Ray Data reports written, for the
     caller to compare with what it can list (a local folder on a cluster whose nodes each have
     their own disk scatters the files, and the driver would see only some)."""
-    import uuid as _uuid
-
     # Private module, public Datasink API: Dataset.write_parquet returns nothing, while the
     # datasink's on_write_complete (called in this process) gets the written row count.
     from ray.data._internal.datasource.parquet_datasink import ParquetDatasink
@@ -320,6 +318,6 @@ def write_parquet(ds: Any, folder: Location, *, min_rows_per_file: int | None = 
 
     # URIs, not filesystem objects, go to the write tasks: each resolves its node's credentials.
     # A fresh uuid names the files, so a resumed run never overwrites the files of the first.
-    sink = CountingParquetDatasink(folder.uri, min_rows_per_file=min_rows_per_file, dataset_uuid=_uuid.uuid4().hex)
+    sink = CountingParquetDatasink(folder.uri, min_rows_per_file=min_rows_per_file, dataset_uuid=uuid.uuid4().hex)
     ds.write_datasink(sink)
     return sink.rows_written
