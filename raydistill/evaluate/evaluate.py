@@ -16,21 +16,26 @@ from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raydistill.config import PipelineConfig
 from raydistill.data.queries import read_task_queries, task_sources
-from raydistill.errors import DataError
+from raydistill.errors import ConfigError, DataError
 from raydistill.evaluate.client import ChatClient, expand_systems
+from raydistill.evaluate.fidelity import answers_table, fidelity_summary, without_distributions
+from raydistill.evaluate.free_report import free_payoff, free_summary_table
 from raydistill.evaluate.metrics import PairStats, Span, SystemStats, comparison, pair_agreed, paired, payoff, truncate
 from raydistill.evaluate.report import summary_table, task_table, write_report, write_task_index
 from raydistill.manifest import write_manifest
+from raydistill.models import check_models_on_nodes, resolve_model
 from raydistill.outputs import check_output, staged_output
 from raydistill.progress import ParquetRows, Progress
 from raydistill.runtime import check_written, connect, ray_logs_dir
 from raydistill.schema import parquet_files
 from raydistill.storage import Location, location, write_parquet
 from raydistill.tasks.pipeline_tasks import RunTask, run_tasks, specs_by_key
+from raydistill.teacher.scoring import score_answers
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +45,10 @@ def evaluate(cfg: PipelineConfig, base_url: str, *, overwrite: bool = False,
     started = time.time()
     out_dir = check_output(location(cfg.run_dir) / "eval", overwrite=overwrite, what="eval directory")
     tasks = run_tasks(cfg)
+    free_keys = [t.key for t in tasks if t.spec.free]
+    if free_keys and "teacher" not in cfg.eval.systems:
+        raise ConfigError(f"free-form task(s) {free_keys} are scored against the teacher's answers: add teacher to "
+                          "eval.systems")
     sources = task_sources(tasks, "eval")
     connect(cfg)
     # Read once: every system must get the same queries (a re-executed `limit` may pick others),
@@ -54,16 +63,19 @@ def evaluate(cfg: PipelineConfig, base_url: str, *, overwrite: bool = False,
         if not n_rows:
             raise DataError(f"no evaluation queries read from {[s.uri for s in sources]}; check the files")
         check_errors(overall, cfg.eval.max_error_rate, results)
+        free = [t for t in tasks if t.spec.free]
+        fidelity = score_free_tasks(cfg, free, results, staged.partial / "scores") if free else {}
         tmp = staged.local
         labels = list(dict.fromkeys(label for t in tasks for label in t.spec.labels))  # all tasks' labels, in order
-        summary = analyze(overall, labels, cfg.eval.systems)
+        summary = analyze(overall, labels, cfg.eval.systems, fidelity.get(tasks[0].key) if len(tasks) == 1 else None)
         if len(tasks) == 1:
             write_report(tmp, stage_times=stage_times, **summary.pop("_report"))
         else:
             summary.pop("_report")
             per_task = {}
             for t in tasks:
-                part = analyze(stats.get(t.key, ResultStats()), list(t.spec.labels), cfg.eval.systems)
+                part = analyze(stats.get(t.key, ResultStats()), list(t.spec.labels), cfg.eval.systems,
+                               fidelity.get(t.key))
                 (tmp / "tasks" / t.key).mkdir(parents=True)
                 write_report(tmp / "tasks" / t.key, stage_times=None, **part.pop("_report"))
                 per_task[t.key] = part
@@ -73,8 +85,11 @@ def evaluate(cfg: PipelineConfig, base_url: str, *, overwrite: bool = False,
                        inputs={"queries": {t.key: s.uri for t, s in zip(tasks, sources)}, "url": base_url},
                        counts={"rows": n_rows}, started=started, extra={"metrics": summary})
     logger.info("evaluate: wrote %s", out_dir)
-    print(summary_table(summary["systems"], summary["student_teacher_agreement"],  # noqa: T201 - the stage's output
-                        summary["student_vs_teacher"], summary["payoff"]))
+    if "fidelity" in summary:
+        print(free_summary_table(summary["systems"], summary["fidelity"], summary["payoff"]))  # noqa: T201
+    else:
+        print(summary_table(summary["systems"], summary["student_teacher_agreement"],  # noqa: T201 - the stage's output
+                            summary["student_vs_teacher"], summary["payoff"]))
     if "tasks" in summary:
         print("\n" + task_table(summary["tasks"]))  # noqa: T201
     return summary
@@ -185,6 +200,35 @@ def _collect_in_ray(groups: list[list[str]], n_buckets: int) -> dict[str | None,
     return out
 
 
+def score_free_tasks(cfg: PipelineConfig, tasks: list[RunTask], results: Location, out: Location) -> dict[str, Any]:
+    """The prompted teacher scores every answer of the free tasks (``teacher/scoring.py``); per
+    task, ``fidelity.fidelity_summary`` of those scores and the answers. The scores are kept in
+    ``eval/scores/`` (one row per query and system)."""
+    import ray.data
+
+    keys = [t.key for t in tasks]
+    files = [results.child_uri(f.path) for f in results.list(".parquet", recursive=True)]
+    answers = answers_table(files)
+    answers = answers.filter(pc.is_in(answers["task"], pa.array(keys)))
+    rows = ray.data.from_arrow(answers.select(["id", "task", "system", "query", "answer"]))
+    model_path = resolve_model(cfg.teacher.model)
+    check_models_on_nodes({cfg.teacher.model: model_path})
+    scored = score_answers(rows, specs_by_key(tasks), cfg.teacher, model_path)
+    counter = ParquetRows(out)
+    with Progress("evaluate: the teacher scores the answers", counter, answers.num_rows, "answers"):
+        written = write_parquet(scored, out, min_rows_per_file=cfg.teacher.batch_size)
+    if written != answers.num_rows:
+        raise DataError(f"evaluate: {answers.num_rows} answers were sent to be scored but {written} scores came back; "
+                        f"see the Ray logs ({ray_logs_dir()})")
+    check_written("evaluate scores", written, counter(), out)
+    scores = pa.concat_tables([pq.read_table(f) for f in parquet_files(out)])
+    unscored = scores.filter(pc.is_valid(scores["error"]))
+    if unscored.num_rows:
+        logger.warning("evaluate: %d answers not scored (first: %s)", unscored.num_rows, unscored["error"][0])
+    return {key: fidelity_summary(answers.filter(pc.equal(answers["task"], key)),
+                                  scores.filter(pc.equal(scores["task"], key))) for key in keys}
+
+
 def check_errors(stats: ResultStats, max_rate: float, results: Location) -> None:
     """Fail when a system's failed requests exceed ``eval.max_error_rate``, naming the first error."""
     for system, s in sorted(stats.systems.items()):
@@ -228,14 +272,18 @@ def collect_stats(folder: Location) -> dict[str | None, ResultStats]:
     return ray.get(task.remote(groups, n_buckets))
 
 
-def analyze(stats: ResultStats, labels: list[str], systems: Sequence[str]) -> dict[str, Any]:
+def analyze(stats: ResultStats, labels: list[str], systems: Sequence[str],
+            fidelity: dict[str, Any] | None = None) -> dict[str, Any]:
     """The summary of one set of result rows (one task, or all of them), JSON-ready; ``_report``
-    holds write_report's arguments."""
+    holds write_report's arguments. ``fidelity``: a free task's (``fidelity.fidelity_summary``),
+    which replaces label agreement."""
     metrics = {s: stats.systems[s].metrics() for s in sorted(stats.systems)}
     agreed, n = pair_agreed(stats.pairs.pairs)
-    agree = agreed / n if n else None
+    agree = agreed / n if n and fidelity is None else None
     compared = comparison(stats.pairs, metrics, labels)
-    gains = payoff(metrics, compared)
+    gains = payoff(metrics, compared) if fidelity is None else free_payoff(metrics, compared, fidelity)
+    if fidelity is not None:
+        compared.update(agreement=None, agreement_ci95=None)
     get = {s: stats.systems.get(s, SystemStats()) for s in systems}
     by_label: dict[str, dict[str, float | None]] = {s: get[s].accuracy_by_label(labels) for s in systems}
     span = Span()
@@ -248,6 +296,10 @@ def analyze(stats: ResultStats, labels: list[str], systems: Sequence[str]) -> di
         "latencies": {s: get[s].latency.points() for s in systems},
         "comparison": compared, "payoff": gains,
     }
-    return {"systems": metrics, "student_teacher_agreement": agree, "accuracy_by_label": by_label,
-            "throughput_rps": span.throughput(), "payoff": gains,
-            "student_vs_teacher": compared, "_report": report}
+    summary = {"systems": metrics, "student_teacher_agreement": agree, "accuracy_by_label": by_label,
+               "throughput_rps": span.throughput(), "payoff": gains,
+               "student_vs_teacher": compared, "_report": report}
+    if fidelity is not None:
+        report["fidelity"] = fidelity
+        summary["fidelity"] = without_distributions(fidelity)
+    return summary

@@ -251,12 +251,18 @@ def _img(path: Path, alt: str) -> str:
 def write_report(folder: Path, metrics: dict[str, dict[str, Any]], agreement: float | None,
                  matrices: dict[str, np.ndarray], labels: Sequence[str], stage_times: dict[str, float] | None,
                  by_label: dict[str, dict[str, float | None]], latencies: dict[str, list[float]],
-                 comparison: dict[str, Any] | None = None, payoff: dict[str, Any] | None = None) -> Path:
+                 comparison: dict[str, Any] | None = None, payoff: dict[str, Any] | None = None,
+                 fidelity: dict[str, Any] | None = None) -> Path:
     """Write report.md, report.html (no external resources: plots inlined) and the PNGs.
 
     With ``comparison`` and ``payoff`` (and both teacher and student evaluated) the report also
-    answers whether the student can replace the teacher, with intervals, matrix and examples.
+    answers whether the student can replace the teacher, with intervals, matrix and examples. A
+    free-form task's (``fidelity`` given) is ``free_report.write_free_report``: no labels to count.
     """
+    if fidelity is not None:
+        from raydistill.evaluate.free_report import write_free_report
+
+        return write_free_report(folder, metrics, fidelity, payoff or {}, latencies, stage_times)
     pngs = {
         "confusion": plot_confusions(matrices, labels, folder / "confusion.png"),
         "accuracy by label": plot_accuracy_by_label(by_label, labels, folder / "accuracy_by_label.png"),

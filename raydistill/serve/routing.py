@@ -43,7 +43,9 @@ def routes_for(has_student: bool, tasks: list[RunTask], student_prefix: bool = F
         if base_engine is not None:  # the starting model, asked as the student is (bare query, tag)
             routes[t.model_name("base")] = Route(base_engine, spec, False)
         if has_student:
-            routes[t.model_name("student")] = Route("student", spec, False, spec.assistant_prefix if student_prefix else "")
+            # a free task's student always learns the whole response, its prefix included
+            prefix = spec.assistant_prefix if student_prefix or spec.free else ""
+            routes[t.model_name("student")] = Route("student", spec, False, prefix)
     return routes
 
 

@@ -50,6 +50,10 @@ STUDENT_SYSTEM_DEFAULT = "default"  # no system message: the chat template's own
 STUDENT_SYSTEM_NONE = "none"  # an empty system message: templates that add a default then add none
 
 
+ANSWER_LABELLED: Literal["labelled"] = "labelled"  # a classifier: each answer is parsed into one of the task's labels
+ANSWER_FREE: Literal["free"] = "free"  # any text: the student learns the teacher's whole response
+
+
 class TaskSpec(BaseModel):
     """A task file (YAML). Paths inside it are relative to the file."""
 
@@ -57,6 +61,11 @@ class TaskSpec(BaseModel):
 
     name: str
     description: str = ""
+    answer: Literal["labelled", "free"] = Field(
+        ANSWER_LABELLED,
+        description="labelled: answers are parsed into labels (accuracy, agreement, confusion); free: any non-empty "
+        "answer is valid, the student learns the whole response and is scored by the prompted teacher (fidelity).",
+    )
     system_prompt: str = Field("", description="The teacher's system message (read from system_prompt_file).")
     user_template: str = Field(QUERY_SLOT, description="The teacher's user turn, with a {query} slot.")
     assistant_prefix: str = Field("", description="Text the teacher's answer is forced to start with.")
@@ -71,7 +80,8 @@ class TaskSpec(BaseModel):
     )
     student_tag: str = Field("", description="Set by multi-task pipelines (tasks[].tag), not in task files: the "
                              "student's query is '[tag] query', the few tokens that stand in for this task's prompt.")
-    labels: dict[str, str] = Field(..., description="label code -> the answer the student learns to say.")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="label code -> the answer the student learns to say (labelled tasks).")
     aliases: dict[str, str] = Field(default_factory=dict, description="extra phrase -> label code (case-insensitive).")
     fallback_label: str | None = Field(None, description="Label for a non-empty answer naming no known phrase (else rejected).")
     other_languages_label: str | None = Field(
@@ -83,6 +93,14 @@ class TaskSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> TaskSpec:
+        if self.answer == ANSWER_FREE:
+            parser_keys = [k for k in ("labels", "aliases", "fallback_label", "other_languages_label") if getattr(self, k)]
+            if parser_keys:
+                raise ValueError(f"a free task has no labels, but {', '.join(parser_keys)} set; remove them or set "
+                                 "answer: labelled")
+        elif not self.labels:
+            raise ValueError("a labelled task needs labels (label code -> the answer the student learns to say); "
+                             "add labels, or set answer: free for free-form answers")
         if self.user_template.count(QUERY_SLOT) != 1:
             raise ValueError(f"user_template needs exactly one {QUERY_SLOT} slot")
         if QUERY_SLOT in self.system_prompt:
@@ -160,11 +178,18 @@ class TaskSpec(BaseModel):
         phrases = sorted(self._phrase_to_label, key=len, reverse=True)
         return re.compile(r"(?<!\w)(" + "|".join(re.escape(p) for p in phrases) + r")(?!\w)")
 
+    @property
+    def free(self) -> bool:
+        return self.answer == ANSWER_FREE
+
     def parse(self, response: str | None) -> ParseResult:
-        """Map a free-text answer to a label: a bare label code, or the earliest known phrase."""
+        """Map a free-text answer to a label: a bare label code, or the earliest known phrase. A free
+        task's answer has no label: any non-empty one is valid."""
         text = (response or "").strip()
         if not text:
             return ParseResult(label=None, valid=False, reject_reason=REJECT_EMPTY)
+        if self.free:
+            return ParseResult(label=None, valid=True, reject_reason=None)
         lowered = text.lower()
         bare = lowered.strip(" .\"'`")
         if bare in self.labels:
@@ -177,8 +202,8 @@ class TaskSpec(BaseModel):
         return ParseResult(label=self._phrase_to_label[match.group(1)], valid=True, reject_reason=None)
 
     def target_text(self, label: str | None, response: str, target: Literal["label", "response"]) -> str:
-        """What the student is trained to say for one teacher sample."""
-        if target == "response":
+        """What the student is trained to say for one teacher sample (a free task's: always the response)."""
+        if target == "response" or self.free:
             return (self.assistant_prefix + response).strip()
         if label is None:
             raise ValueError("target 'label' needs a parsed label; train on valid rows only")
@@ -206,6 +231,8 @@ def load_task(name_or_path: str) -> TaskSpec:
         return TaskSpec.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
+        if first["type"] == "value_error":  # the cross-field checks above: their message names keys and fix
+            raise ConfigError(f"task file {str(path)!r}: {first['msg'].removeprefix('Value error, ')}") from None
         key = ".".join(str(p) for p in first["loc"]) or "<root>"
         raise ConfigError(f"task file {str(path)!r}: '{key}': {first['msg']}; fix the task file") from None
 
