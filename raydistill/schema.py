@@ -70,6 +70,14 @@ EVAL_RESULTS = pa.schema(
 )
 
 
+def optional_text(value: Any) -> str | None:
+    """A nullable string cell as a Ray Data numpy batch holds it: a column that is null in a whole
+    block arrives as float NaN, not None, and must not become the text "nan"."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    return str(value)
+
+
 def require_columns(available: Iterable[str], needed: pa.Schema | Iterable[str], what: str, fix: str) -> None:
     """Raise DataError naming every column of ``needed`` (a schema or names) missing from ``available``."""
     have = set(available)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from raydistill.schema import EVAL_RESULTS, check_batch
+from raydistill.schema import EVAL_RESULTS, check_batch, optional_text
 from raydistill.tasks.task import TaskSpec
 
 QUERY_COLUMNS = ("id", "task", "text", "gold")  # what expand_systems reads (schema.check_batch)
@@ -25,7 +25,7 @@ def expand_systems(batch: dict[str, np.ndarray], systems: list[str]) -> dict[str
             out["id"].append(str(qid))
             out["task"].append(str(key))
             out["query"].append(str(text))
-            out["gold"].append(None if gold is None else str(gold))
+            out["gold"].append(optional_text(gold))
             out["system"].append(system)
     return out
 
@@ -76,7 +76,7 @@ class ChatClient:
             parsed = task.parse(res.get("answer")) if not res.get("error") else None
             rows.append({
                 "id": str(batch["id"][i]), "task": str(batch["task"][i]), "query": str(batch["query"][i]),
-                "gold": None if batch["gold"][i] is None else str(batch["gold"][i]),
+                "gold": optional_text(batch["gold"][i]),
                 "system": str(batch["system"][i]), "answer": res.get("answer"),
                 "label": parsed.label if parsed else None, "valid": bool(parsed and parsed.valid),
                 "error": res.get("error"), "latency_s": res.get("latency_s"), "started_at": res.get("started_at"),

@@ -65,6 +65,11 @@ def evaluate(cfg: PipelineConfig, base_url: str, *, overwrite: bool = False,
         check_errors(overall, cfg.eval.max_error_rate, results)
         free = [t for t in tasks if t.spec.free]
         fidelity = score_free_tasks(cfg, free, results, staged.partial / "scores") if free else {}
+        if free and len(free) < len(tasks):  # the overall agreement is the labelled tasks' alone
+            overall.pairs = PairStats()
+            for t in tasks:
+                if not t.spec.free:
+                    overall.pairs.merge(stats.get(t.key, ResultStats()).pairs)
         tmp = staged.local
         labels = list(dict.fromkeys(label for t in tasks for label in t.spec.labels))  # all tasks' labels, in order
         summary = analyze(overall, labels, cfg.eval.systems, fidelity.get(tasks[0].key) if len(tasks) == 1 else None)
@@ -216,7 +221,7 @@ def score_free_tasks(cfg: PipelineConfig, tasks: list[RunTask], results: Locatio
     scored = score_answers(rows, specs_by_key(tasks), cfg.teacher, model_path)
     counter = ParquetRows(out)
     with Progress("evaluate: the teacher scores the answers", counter, answers.num_rows, "answers"):
-        written = write_parquet(scored, out, min_rows_per_file=cfg.teacher.batch_size)
+        written = write_parquet(scored, out, min_rows_per_file=16)  # a file per 16: the progress line moves
     if written != answers.num_rows:
         raise DataError(f"evaluate: {answers.num_rows} answers were sent to be scored but {written} scores came back; "
                         f"see the Ray logs ({ray_logs_dir()})")

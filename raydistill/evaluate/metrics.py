@@ -118,7 +118,8 @@ class SystemStats:
     def add(self, row: dict[str, Any]) -> None:
         self.requests += 1
         self.valid += bool(row["valid"])
-        if row.get("gold") is not None:
+        # a free-form answer (valid, no label) has no accuracy, whatever the query file's gold says
+        if row.get("gold") is not None and not (row["valid"] and row["label"] is None):
             self.gold_label[(row["gold"], row["label"])] += 1
         if row.get("error"):
             self.errors += 1

@@ -161,7 +161,7 @@ def end_of_step(w: Worker, epoch: int) -> None:
     """Log, evaluate and checkpoint on their schedules; every logged row goes to Ray Train."""
     import ray.train
 
-    from raydistill.student.step import evaluate_loss
+    from raydistill.student.step import KL_KEY, evaluate_loss
 
     train, step = w.cfg.train, w.step
     last = step >= w.cfg.total_steps
@@ -171,9 +171,11 @@ def end_of_step(w: Worker, epoch: int) -> None:
         return
     w.row = metrics_row(w, epoch)
     if evaluate_now:
-        w.row["eval_loss"], per_task = evaluate_loss(w.engine, w.val_shard, train.batch_size_per_worker,
-                                                     w.cfg.pad_token_id, train.kl_weight, w.cfg.tasks)
-        w.row.update({f"eval_loss/{key}": loss for key, loss in per_task.items()})
+        w.row["eval_loss"], parts = evaluate_loss(w.engine, w.val_shard, train.batch_size_per_worker,
+                                                  w.cfg.pad_token_id, train.kl_weight, w.cfg.tasks)
+        if KL_KEY in parts:  # forward KL to the teacher's top-k on held-out queries (soft targets)
+            w.row["eval_kl"] = parts.pop(KL_KEY)
+        w.row.update({f"eval_loss/{key}": loss for key, loss in parts.items()})
     if w.rank == 0:
         log_row(w)
     if checkpoint_now:
@@ -241,6 +243,7 @@ def train_summary(w: Worker, train_wall: float, peak_train: float) -> dict[str, 
     return {
         "steps": w.step, "resumed_from_step": w.resumed.step, "tokens_worker0": w.tokens,
         "wall_time_s": round(time.time() - w.started, 2), "final_eval_loss": w.row.get("eval_loss"),
+        "final_eval_kl": w.row.get("eval_kl"),
         "train_wall_s": round(train_wall, 2),
         "tokens_per_s_worker0": round((w.tokens - w.resumed.tokens_worker) / max(1e-9, train_wall), 2),
         "peak_rss_mb_worker0": round(peak, 1), "peak_rss_above_start_mb_worker0": round(peak - start, 1),

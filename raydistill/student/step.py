@@ -9,6 +9,8 @@ import numpy as np
 
 from raydistill.student.examples import IGNORE_INDEX, collate
 
+KL_KEY = "(kl)"  # evaluate_loss's key for the KL term: parentheses are in no task tag
+
 
 def to_device(arrays: dict[str, np.ndarray], device: Any) -> dict[str, Any]:
     import torch
@@ -61,7 +63,9 @@ def optimizer_step(engine: Any, micro_batches: list[dict[str, np.ndarray]], pad_
 def evaluate_loss(engine: Any, shard: Any, batch_size: int, pad_id: int, kl_weight: float,
                   tasks: list[str] | None = None) -> tuple[float | None, dict[str, float | None]]:
     """Mean answer-token loss over the validation split, summed across workers; and, with
-    several ``tasks``, the same per task (each batch split by its ``task`` column)."""
+    several ``tasks``, the same per task (each batch split by its ``task`` column). With soft
+    targets, ``{KL_KEY: ...}`` holds the per-token forward KL(teacher top-k || student) on the
+    held-out queries, whatever ``kl_weight`` trains with."""
     import torch
     import torch.distributed as dist
 
@@ -69,6 +73,7 @@ def evaluate_loss(engine: Any, shard: Any, batch_size: int, pad_id: int, kl_weig
 
     keys = tasks if tasks and len(tasks) > 1 else []
     total = torch.zeros(2 * (1 + len(keys)), dtype=torch.float64)  # (loss x rows, rows): overall, then per task
+    kl = torch.zeros(2, dtype=torch.float64)  # (KL x rows, rows) of the rows with soft targets
     engine.eval()
     with torch.no_grad():
         for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
@@ -78,7 +83,11 @@ def evaluate_loss(engine: Any, shard: Any, batch_size: int, pad_id: int, kl_weig
                 if len(rows) == 0:
                     continue
                 part = {k: batch[k][rows] for k in ("input_ids", "labels", "soft_pos", "soft_ids", "soft_logprobs") if k in batch}
-                loss = float(answer_only_loss(engine.module, **to_device(collate(part, pad_id), engine.device), kl_weight=kl_weight))
+                arrays = to_device(collate(part, pad_id), engine.device)
+                loss = float(answer_only_loss(engine.module, **arrays, kl_weight=kl_weight))
+                if "soft_ids" in arrays:  # kl_weight 1: the KL term alone
+                    kl[0] += float(answer_only_loss(engine.module, **arrays, kl_weight=1.0)) * len(rows)
+                    kl[1] += len(rows)
                 total[2 * slot] += loss * len(rows)
                 total[2 * slot + 1] += len(rows)
                 if slot:  # a task's rows also count towards the overall loss
@@ -87,8 +96,10 @@ def evaluate_loss(engine: Any, shard: Any, batch_size: int, pad_id: int, kl_weig
     engine.train()
     if dist.is_initialized():
         dist.all_reduce(total)
+        dist.all_reduce(kl)
 
     def mean(slot: int) -> float | None:
         return float(total[2 * slot] / total[2 * slot + 1]) if total[2 * slot + 1] > 0 else None
 
-    return mean(0), {key: mean(1 + j) for j, key in enumerate(keys)}
+    extra = {KL_KEY: float(kl[0] / kl[1])} if kl[1] > 0 else {}
+    return mean(0), {**{key: mean(1 + j) for j, key in enumerate(keys)}, **extra}

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from raydistill.config import TeacherConfig
 from raydistill.render import render_prompt
-from raydistill.schema import SAMPLES, check_batch
+from raydistill.schema import SAMPLES, check_batch, optional_text
 from raydistill.tasks.task import REJECT_ENGINE, TaskSpec
 
 
@@ -93,7 +93,7 @@ def build_requests(
             out["id"].append(str(qid))
             out["task"].append(str(key))
             out["query"].append(str(text))
-            out["gold"].append(None if gold is None else str(gold))
+            out["gold"].append(optional_text(gold))
             out["sample_index"].append(k)
             out["prompt"].append(prompt)
             out["sampling_params"].append(sampling_params(cfg, k))
@@ -121,7 +121,7 @@ def parse_outputs(batch: dict[str, np.ndarray], *, tasks: dict[str, TaskSpec], t
         cols["id"].append(str(batch["id"][i]))
         cols["task"].append(key)
         cols["query"].append(str(batch["query"][i]))
-        cols["gold"].append(None if batch["gold"][i] is None else str(batch["gold"][i]))
+        cols["gold"].append(optional_text(batch["gold"][i]))
         cols["sample_index"].append(int(batch["sample_index"][i]))
         cols["prompt_sha256"].append(task.prompt_sha256)
         cols["teacher_model"].append(teacher_model)

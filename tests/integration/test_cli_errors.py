@@ -220,3 +220,22 @@ def test_a_task_whose_queries_are_missing_is_named(tmp_path):
         {"tag": "a", "name": "langid", "queries": good},
         {"tag": "b", "name": "langid", "queries": {**good, "train_path": str(tmp_path / "missing.jsonl")}}]}))
     assert_clean_failure(run_cli("generate", str(path)), tmp_path, "task 'b'", "missing.jsonl", "not found")
+
+
+@pytest.mark.parametrize(
+    "task,needles",
+    [
+        ({"name": "t", "answer": "free", "system_prompt_file": "missing.txt"},
+         ["system_prompt_file", "missing.txt", "not found", "fix system_prompt_file"]),
+        ({"name": "t", "answer": "free", "labels": {"a": "A"}}, ["free task has no labels", "labels", "answer: labelled"]),
+        ({"name": "t", "answer": "essay"}, ["'answer'", "'labelled' or 'free'", "fix the task file"]),
+        ({"name": "t"}, ["labelled task needs labels", "answer: free"]),
+    ],
+    ids=["missing-prompt-file", "labels-on-a-free-task", "unknown-answer-kind", "labelled-without-labels"],
+)
+def test_bad_task_files_fail_before_any_work(tmp_path, task, needles):
+    (tmp_path / "q.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(task))
+    cfg = config(tmp_path, task={"name": str(tmp_path / "task.yaml")})
+    for stage in ("generate", "run"):
+        assert_clean_failure(run_cli(stage, str(cfg)), tmp_path, *needles)

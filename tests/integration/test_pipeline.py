@@ -170,6 +170,8 @@ def test_training_metrics_reach_mlflow(finished_run):
     history = client.get_metric_history(logged.info.run_id, "loss")
     assert [(m.step, round(m.value, 6)) for m in history] == [(r["step"], round(r["loss"], 6)) for r in rows]
     assert [m.step for m in client.get_metric_history(logged.info.run_id, "eval_loss")] == [4]
+    # soft targets: the forward KL to the teacher's top-k on the held-out queries, logged with the eval loss
+    assert rows[-1]["eval_kl"] > 0 and [m.step for m in client.get_metric_history(logged.info.run_id, "eval_kl")] == [4]
 
 
 def test_eval_results_report_and_table(finished_run):

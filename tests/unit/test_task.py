@@ -160,3 +160,17 @@ def test_rules_prompt_is_long_and_covers_the_hard_cases():
     assert len(prompt.split()) >= 500
     for topic in ("code", "URL", "numbers", "Mixed text", "Urdu", "Ukrainian"):
         assert topic in prompt
+
+
+def test_a_free_task_accepts_any_non_empty_answer_and_learns_the_whole_response():
+    task = TaskSpec(name="t", answer="free", system_prompt="Be brief.", assistant_prefix="Sure:")
+    assert task.free and task.parse(" anything at all ").valid and task.parse(" anything").label is None
+    assert task.parse("  ").reject_reason == REJECT_EMPTY
+    assert task.target_text(None, " do this.", "label") == "Sure: do this."  # always the response
+
+
+@pytest.mark.parametrize("fields,needle", [({"answer": "free", "fallback_label": "x", "labels": {"x": "X"}}, "labels, fallback_label"),
+                                           ({"answer": "labelled"}, "needs labels")])
+def test_answer_kind_and_labels_must_agree(fields, needle):
+    with pytest.raises(ValueError, match=needle):
+        TaskSpec(name="t", **fields)
