@@ -86,6 +86,9 @@ class TeacherConfig(_Section):
     max_tokens: int = Field(16, ge=1, description="Most tokens the teacher generates per answer.")
     stop: list[str] = Field(default_factory=list, description="Stop strings (not included in the response).")
     samples_per_query: int = Field(1, ge=1, description="k rows per query, each with its own seed.")
+    votes: int = Field(1, ge=1, description="Self-consistent labels (labelled tasks): sample k answers per query "
+                       "(each with its own seed, at temperature > 0); training learns each query's majority label, "
+                       "with the majority's share of the votes as its confidence (train.min_confidence).")
     logprobs: int = Field(0, ge=0, le=20, description="Store the top-k logprobs of every generated token (0: off).")
     seed: int = Field(0, description="Base sampling seed; sample i of a query uses seed + i.")
     batch_size: int = Field(64, ge=1, description="Rows per vLLM engine batch.")
@@ -101,6 +104,21 @@ class TeacherConfig(_Section):
     enforce_eager: bool = Field(False, description="Skip torch.compile / CUDA graphs: faster start, slower decode.")
     rows_per_file: int = Field(10_000, ge=1, description="Rows per Parquet file; also the unit of work a crash can lose.")
     max_rows: int | None = Field(None, ge=1, description="Label at most this many queries, per task (smoke runs).")
+
+    @property
+    def samples(self) -> int:
+        """Answers sampled per query: the votes, else samples_per_query."""
+        return self.votes if self.votes > 1 else self.samples_per_query
+
+    @model_validator(mode="after")
+    def _check_votes(self) -> TeacherConfig:
+        if self.votes > 1 and self.samples_per_query > 1:
+            raise ValueError("teacher.votes and teacher.samples_per_query both sample several answers per query; "
+                             "set one of them")
+        if self.votes > 1 and self.temperature == 0:
+            raise ValueError(f"teacher.votes={self.votes} samples {self.votes} answers per query, identical when greedy: "
+                             "set teacher.temperature > 0 (e.g. 0.7)")
+        return self
 
     @model_validator(mode="after")
     def _check_pool(self) -> TeacherConfig:
@@ -157,6 +175,8 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps through ray.train.report (0: none).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in run storage (the latest ones).")
     max_failures: int = Field(1, ge=-1, description="Worker-group restarts from the last checkpoint (-1: unlimited).")
+    min_confidence: float = Field(0.0, ge=0.0, le=1.0, description="With teacher.votes: train only on queries whose "
+                                  "majority label got at least this share of the votes.")
     kl_weight: float = Field(0.0, ge=0.0, le=1.0, description="Weight of KL to the teacher's top-k logprobs (needs teacher.logprobs).")
     tracking: Literal["none", "mlflow"] = Field("none", description="Log metrics to MLflow through Ray's setup_mlflow.")
     mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking server URI; default sqlite:///<run_dir>/mlflow.db.")

@@ -206,7 +206,7 @@ def make_plan(cfg: PipelineConfig, cluster: tuple[dict[str, float], list[dict[st
     how = tokens[0][2]
     if queries is not None:
         count, exact = queries, True
-    samples = count * cfg.teacher.samples_per_query
+    samples = count * cfg.teacher.samples
     plan.work = {
         "queries": count, "queries_exact": exact, "samples": samples,
         "teacher_input_tokens_per_request": round(teacher_tokens, 1),

@@ -33,6 +33,7 @@ from raydistill.storage import Location, location
 from raydistill.student.examples import OPTIONAL_COLUMNS, build_examples_batch, example_columns
 from raydistill.student.loop import MLFLOW_EXPERIMENT, train_loop_per_worker
 from raydistill.student.loop_config import LoopConfig
+from raydistill.student.votes import CONFIDENCE, majority_vote
 from raydistill.tasks.pipeline_tasks import run_tasks, specs_by_key, task_factors
 
 logger = logging.getLogger(__name__)
@@ -222,9 +223,10 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    train_ds, val_ds, n_examples, n_val = example_datasets(cfg, samples_dir, model_path, specs_by_key(tasks), factors)
+    train_ds, val_ds, n_examples, n_val, votes = example_datasets(cfg, samples_dir, model_path, specs_by_key(tasks),
+                                                                  factors)
     plan = plan_steps(n_examples - n_val, cfg)
-    log_plan(cfg, plan, n_valid, n_examples, n_val)
+    log_plan(cfg, plan, votes["kept"] if votes else n_valid, n_examples, n_val)
     with staged_output(out_dir) as staged:
         loop_config = LoopConfig(
             train=cfg.train, model_path=model_path, total_steps=plan["total_steps"],
@@ -244,6 +246,8 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
         if cfg.train.method == "lora":
             tokenizer.save_pretrained(tmp / "adapter")
         counts = {**plan, **finished_counts(staged.partial, tmp), "valid_samples": n_valid, "validation_examples": n_val}
+        if votes:
+            counts["votes"] = votes
         if len(tasks) > 1:
             counts["tasks"] = {t.key: {"valid_samples": valid[t.key], "factor": round(factors[t.key], 4)} for t in tasks}
         write_manifest(tmp, stage="train", config=cfg.model_dump(),
@@ -257,14 +261,27 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
 
 
 def example_datasets(cfg: PipelineConfig, samples_dir: Location, model_path: str, tasks: dict[str, Any],
-                     factors: dict[str, float] | None = None) -> tuple[Any, Any, int, int]:
+                     factors: dict[str, float] | None = None) -> tuple[Any, Any, int, int, dict[str, Any] | None]:
     """Valid samples → tokenized examples (Ray Data), split into train and held-out validation
-    by query id; with their counts. Refuses a run where no sample fits ``max_seq_len``."""
+    by query id; with their counts, and with ``teacher.votes`` how the votes went. Refuses a run
+    where no sample fits ``max_seq_len``."""
     import ray
     from ray.data.expressions import col
 
+    samples = ray.data.read_parquet(parquet_files(samples_dir), columns=training_columns(samples_dir, cfg.train.kl_weight > 0))
+    votes = None
+    if cfg.teacher.votes > 1:  # one row per query: its majority label (student/votes.py); a hash shuffle on id
+        voted = samples.groupby("id").map_groups(majority_vote, batch_format="pyarrow").materialize()
+        kept = voted.filter(expr=(col(CONFIDENCE) >= cfg.train.min_confidence) & (col("valid") == True))  # noqa: E712
+        votes = {"queries": voted.count(), "mean_confidence": round(voted.mean(CONFIDENCE) or 0.0, 4),
+                 "unanimous": voted.filter(expr=col(CONFIDENCE) >= 1.0).count(), "kept": kept.count(),
+                 "min_confidence": cfg.train.min_confidence}
+        logger.info("train: %d votes per query: %d queries, mean majority share %.3f, %d unanimous, %d kept "
+                    "(train.min_confidence=%s)", cfg.teacher.votes, votes["queries"], votes["mean_confidence"],
+                    votes["unanimous"], votes["kept"], cfg.train.min_confidence)
+        samples = kept
     examples = (
-        ray.data.read_parquet(parquet_files(samples_dir), columns=training_columns(samples_dir, cfg.train.kl_weight > 0))
+        samples
         .filter(expr=col("valid") == True)  # noqa: E712 - an expression, not a Python comparison
         # the Parquet reader coalesces small files into one block, and one block is one task:
         # blocks of a few thousand samples are what lets the builder pool below grow
@@ -286,7 +303,7 @@ def example_datasets(cfg: PipelineConfig, samples_dir: Location, model_path: str
     n_examples, n_val = examples.count(), val_ds.count()
     if n_examples == 0:
         raise DataError(f"no valid sample fits train.max_seq_len={cfg.train.max_seq_len} tokens; raise train.max_seq_len")
-    return train_ds, val_ds, n_examples, n_val
+    return train_ds, val_ds, n_examples, n_val, votes
 
 
 def tokenizer_actors(configured: int | None) -> int:

@@ -41,7 +41,7 @@ def run_tasks(cfg: PipelineConfig) -> list[RunTask]:
     if cfg.tasks is None:
         assert cfg.queries is not None  # the config's validator guarantees one of the two
         spec = task_for(cfg.task)
-        return [RunTask(spec.name, spec, cfg.queries, None, tagged=False)]
+        return check_votes(cfg, [RunTask(spec.name, spec, cfg.queries, None, tagged=False)])
     out = []
     for entry in cfg.tasks:
         try:
@@ -50,7 +50,16 @@ def run_tasks(cfg: PipelineConfig) -> list[RunTask]:
             raise ConfigError(f"task {entry.tag!r}: {exc}") from None
         out.append(RunTask(entry.tag, spec.model_copy(update={"student_tag": entry.tag}), entry.queries, entry.weight,
                            tagged=True))
-    return out
+    return check_votes(cfg, out)
+
+
+def check_votes(cfg: PipelineConfig, tasks: list[RunTask]) -> list[RunTask]:
+    """Votes elect a label: a free task has none to elect."""
+    free = [t.key for t in tasks if t.spec.free]
+    if cfg.teacher.votes > 1 and free:
+        raise ConfigError(f"teacher.votes elects a majority label, but task(s) {free} are free-form (no labels); "
+                          "set teacher.votes=1 (or teacher.samples_per_query for several answers per query)")
+    return tasks
 
 
 def specs_by_key(tasks: list[RunTask]) -> dict[str, TaskSpec]:

@@ -55,7 +55,7 @@ def engine_kwargs(cfg: TeacherConfig) -> dict[str, Any]:
 
 def seeded(cfg: TeacherConfig) -> bool:
     """Whether requests carry their own seed (see ``requests.sampling_params``)."""
-    return cfg.temperature > 0 and cfg.samples_per_query > 1
+    return cfg.temperature > 0 and cfg.samples > 1
 
 
 def processor_config(cfg: TeacherConfig, model_path: str) -> Any:
@@ -150,7 +150,7 @@ def _generate_into(cfg: PipelineConfig, out: ResumableOutput, tasks: list[RunTas
         },
         compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=0.5,
-        batch_size=max(1, cfg.teacher.batch_size // cfg.teacher.samples_per_query),
+        batch_size=max(1, cfg.teacher.batch_size // cfg.teacher.samples),
     ).repartition(target_num_rows_per_block=cfg.teacher.batch_size)
     # One block per engine batch: the engine actor still has max_concurrent_batches of them in
     # flight, but each finished batch streams on to parse and write at once (progress, files
@@ -163,7 +163,7 @@ def _generate_into(cfg: PipelineConfig, out: ResumableOutput, tasks: list[RunTas
         num_cpus=0.25,
     )
     t0 = time.time()
-    total = len(tasks) * cfg.teacher.max_rows * cfg.teacher.samples_per_query if cfg.teacher.max_rows else None
+    total = len(tasks) * cfg.teacher.max_rows * cfg.teacher.samples if cfg.teacher.max_rows else None
     with Progress("generate", ParquetRows(out.partial), total, "samples"):
         written = write_parquet(samples, out.partial, min_rows_per_file=cfg.teacher.rows_per_file)
     wall = time.time() - t0

@@ -20,7 +20,7 @@ def sampling_params(cfg: TeacherConfig, sample_index: int) -> dict[str, Any]:
         params["stop"] = list(cfg.stop)
     if cfg.logprobs:
         params["logprobs"] = cfg.logprobs
-    if cfg.temperature > 0 and cfg.samples_per_query > 1:  # keep in sync with generate.seeded
+    if cfg.temperature > 0 and cfg.samples > 1:  # keep in sync with generate.seeded
         # distinct seeds make the k samples of one query differ, reproducibly
         params["seed"] = cfg.seed * 1_000_003 + sample_index
     return params
@@ -84,7 +84,7 @@ def build_requests(
     check_batch(batch, REQUEST_COLUMNS, "the teacher's request builder")
     out: dict[str, list[Any]] = {k: [] for k in ("id", "task", "query", "gold", "sample_index", "prompt", "sampling_params")}
     for qid, key, text, gold in zip(batch["id"], batch["task"], batch["text"], batch["gold"]):
-        todo = [k for k in range(cfg.samples_per_query) if not is_done(sample_key(str(qid), k), done)]
+        todo = [k for k in range(cfg.samples) if not is_done(sample_key(str(qid), k), done)]
         if not todo:
             continue
         task = tasks[str(key)]
