@@ -1,6 +1,10 @@
-"""Language names an answer parser can recognise: lowercased name -> ISO 639-1 code.
+"""The langid task's language names, generated: lowercased name -> ISO 639-1 code -> label.
 
-Pure, no Ray. The names are not a hand list: they come from the ``langcodes`` package (with its
+Not used at run time: it writes ``tasks/langid/language_aliases.json``, the langid task's own data
+(its ``aliases_file``), so the parser is generic and the language list is a file of the task:
+
+    python -m raydistill.tasks.languages     (needs the dev extra's langcodes)
+ The names are not a hand list: they come from the ``langcodes`` package (with its
 ``language_data``). For every language that has a current (not deprecated) two-letter ISO 639-1
 code in the IANA language subtag registry that langcodes ships, we take
 
@@ -21,10 +25,14 @@ ordinary English words themselves are left out (``ORDINARY_WORDS``).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import unicodedata
 from functools import lru_cache
+from pathlib import Path
+
+import yaml
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +66,6 @@ def _ascii_fold(name: str) -> str | None:
 @lru_cache(maxsize=1)
 def language_names() -> dict[str, str]:
     """Lowercased language name -> ISO 639-1 code, built once per process (about 0.3 s)."""
-    # Imported here: langcodes loads its tables at import (~0.1 s), and every module that imports
-    # raydistill.tasks.task would pay it; only tasks that set other_languages_label need the names.
     import langcodes
 
     codes = iso639_1_languages()
@@ -77,3 +83,24 @@ def language_names() -> dict[str, str]:
                 table.setdefault(spelling, code)
     log.debug("language names: %d names of %d ISO 639-1 languages from langcodes", len(table), len(codes))
     return table
+
+
+LANGID = Path(__file__).parent / "langid"
+OTHER = "ot"  # the langid label of any language that is not one of its labels
+
+
+def language_aliases(labels: dict[str, str], other: str = OTHER) -> dict[str, str]:
+    """Every listed language name -> its own label when its ISO 639-1 code is one ("Español" -> es:
+    the label languages' autonyms), else ``other``."""
+    return {name: code if code in labels else other for name, code in sorted(language_names().items())}
+
+
+def main() -> None:
+    labels = yaml.safe_load((LANGID / "task.yaml").read_text())["labels"]
+    table = language_aliases(labels)
+    (LANGID / "language_aliases.json").write_text(json.dumps(table, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
+    print(f"wrote {len(table)} names to {LANGID / 'language_aliases.json'}")  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from raydistill.errors import ConfigError
-from raydistill.tasks.languages import language_names
 
 BUILTIN_DIR = Path(__file__).parent
 QUERY_SLOT = "{query}"
@@ -84,17 +83,15 @@ class TaskSpec(BaseModel):
         default_factory=dict, description="label code -> the answer the student learns to say (labelled tasks).")
     aliases: dict[str, str] = Field(default_factory=dict, description="extra phrase -> label code (case-insensitive).")
     fallback_label: str | None = Field(None, description="Label for a non-empty answer naming no known phrase (else rejected).")
-    other_languages_label: str | None = Field(
-        None,
-        description="Label for a language name outside labels/aliases, from the langcodes list "
-        "(raydistill.tasks.languages); with it set, a listed language whose ISO 639-1 code is a label "
-        "maps to that label ('Deutsch' -> de). Only for tasks whose label codes are ISO 639-1 codes.",
-    )
+    listed_aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description="A long generated list of phrase -> label (read from aliases_file, JSON), below labels and "
+        "aliases: e.g. the langid task's names of every language (tasks/langid/language_aliases.json).")
 
     @model_validator(mode="after")
     def _check(self) -> TaskSpec:
         if self.answer == ANSWER_FREE:
-            parser_keys = [k for k in ("labels", "aliases", "fallback_label", "other_languages_label") if getattr(self, k)]
+            parser_keys = [k for k in ("labels", "aliases", "listed_aliases", "fallback_label") if getattr(self, k)]
             if parser_keys:
                 raise ValueError(f"a free task has no labels, but {', '.join(parser_keys)} set; remove them or set "
                                  "answer: labelled")
@@ -106,7 +103,8 @@ class TaskSpec(BaseModel):
         if QUERY_SLOT in self.system_prompt:
             raise ValueError(f"the system prompt must not contain {QUERY_SLOT}; put the query in user_template")
         demo_labels = [d.label for d in self.demonstrations]
-        unknown = sorted({v for v in [*self.aliases.values(), self.fallback_label, self.other_languages_label, *demo_labels] if v and v not in self.labels})
+        named = [*self.aliases.values(), *set(self.listed_aliases.values()), self.fallback_label, *demo_labels]
+        unknown = sorted({v for v in named if v and v not in self.labels})
         if unknown:
             raise ValueError(f"aliases, fallback labels or demonstrations name unknown labels {unknown}; add them to labels")
         return self
@@ -165,11 +163,8 @@ class TaskSpec(BaseModel):
     def _phrase_to_label(self) -> dict[str, str]:
         table = {answer.lower(): code for code, answer in self.labels.items()}
         table.update({phrase.lower(): code for phrase, code in self.aliases.items()})
-        if self.other_languages_label:
-            # Labels and aliases win. A listed language keeps its own label when its ISO 639-1 code is
-            # one ("Español" -> es), so the list also teaches the parser the label languages' autonyms.
-            for name, code in language_names().items():
-                table.setdefault(name, code if code in self.labels else self.other_languages_label)
+        for phrase, code in self.listed_aliases.items():  # labels and aliases win over the list
+            table.setdefault(phrase.lower(), code)
         return table
 
     @cached_property
@@ -250,6 +245,9 @@ def _read_task_data(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         file_name = data.pop(f"{key}_file", None)
         if file_name is not None:
             data[key] = _task_file(path, f"{key}_file", file_name).read_text().strip()
+    aliases_file = data.pop("aliases_file", None)
+    if aliases_file is not None:
+        data["listed_aliases"] = _read_aliases(_task_file(path, "aliases_file", aliases_file))
     demos_file = data.pop("demonstrations_file", None)
     if demos_file is not None:
         data["demonstrations"] = _read_demonstrations(_task_file(path, "demonstrations_file", demos_file))
@@ -267,6 +265,16 @@ def _task_file(task_path: Path, key: str, name: str) -> Path:
     if not file_path.is_file():
         raise ConfigError(f"task {str(task_path)!r}: {key} {str(file_path)!r} not found; fix {key}")
     return file_path
+
+
+def _read_aliases(path: Path) -> dict[str, str]:
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise ConfigError(f"aliases file {str(path)!r} is not JSON; write one object of phrase -> label") from None
+    if not isinstance(table, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in table.items()):
+        raise ConfigError(f"aliases file {str(path)!r} must hold one JSON object of phrase -> label (strings)")
+    return table
 
 
 def _read_demonstrations(path: Path) -> list[dict[str, Any]]:

@@ -213,7 +213,6 @@ def test_gpu_runtime_env_installs_every_runtime_dependency():
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     needed = {Requirement(r).name.lower() for r in [*project["dependencies"], *project["optional-dependencies"]["gpu"]]}
-    needed |= {"language_data"}  # langcodes[data]
     packages = {line.split("==")[0].lower() for line in load(REPO / "jobs" / "runtime_env_gpu.yaml")["pip"]["packages"]}
     missing = needed - packages - RAY_IMAGE_PROVIDES - set(PULLED_IN)
     assert not missing, f"jobs/runtime_env_gpu.yaml lacks {sorted(missing)}"
@@ -261,10 +260,7 @@ def gpu_extra_requirements() -> set[str]:
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     requirements = [Requirement(r) for r in [*project["dependencies"], *project["optional-dependencies"]["gpu"]]]
-    names = {r.name.lower() for r in requirements}
-    if any(r.name == "langcodes" and "data" in r.extras for r in requirements):
-        names.add("language_data")
-    return names
+    return {r.name.lower() for r in requirements}
 
 
 # The manifests of cluster/ as Kubernetes and the cluster launcher read them: pure checks on the files.

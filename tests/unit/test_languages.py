@@ -1,8 +1,9 @@
+import json
 import time
 
 import pytest
 
-from raydistill.tasks.languages import ORDINARY_WORDS, iso639_1_languages, language_names
+from raydistill.tasks.languages import LANGID, ORDINARY_WORDS, iso639_1_languages, language_aliases, language_names
 from raydistill.tasks.task import REJECT_EMPTY, REJECT_NO_LABEL, TaskSpec, load_task
 
 # Words a teacher or student writes around a language name; none may be read as a language.
@@ -104,7 +105,7 @@ def test_rejects_keep_their_reasons(langid, response, reason):
 
 
 def test_task_without_the_setting_is_unchanged(langid):
-    plain = TaskSpec.model_validate({**langid.model_dump(), "other_languages_label": None})
+    plain = TaskSpec.model_validate({**langid.model_dump(), "listed_aliases": {}})
     assert plain.parse(" the Khmer language").reject_reason == REJECT_NO_LABEL
     assert plain.parse(" Deutsch").label == "de"  # an alias, not the list
     yes_no = TaskSpec(name="t", labels={"yes": "Yes", "no": "No"})  # "no" is also Norwegian's code
@@ -112,9 +113,16 @@ def test_task_without_the_setting_is_unchanged(langid):
     assert yes_no.parse(" No.").label == "no"
 
 
-def test_other_languages_label_must_be_a_label():
+def test_listed_aliases_must_name_labels():
     with pytest.raises(ValueError, match="unknown labels"):
-        TaskSpec(name="t", labels={"a": "A"}, other_languages_label="ot")
+        TaskSpec(name="t", labels={"a": "A"}, listed_aliases={"x": "ot"})
+
+
+def test_the_langid_task_ships_the_generated_list(langid):
+    """The task's data file is what `python -m raydistill.tasks.languages` writes today."""
+    committed = json.loads((LANGID / "language_aliases.json").read_text(encoding="utf-8"))
+    assert committed == language_aliases(langid.labels) == langid.listed_aliases
+    assert committed["deutsch"] == "de" and committed["khmer"] == "ot"
 
 
 def test_parsing_has_no_pathological_cost(langid):
