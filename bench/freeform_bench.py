@@ -36,8 +36,8 @@ RATIOS = ("input_tokens_teacher_over_student", "teacher_logprob_gap", "fidelity_
 def one_draw(seed: int) -> dict[str, Any]:
     run_dir = f"runs/bench-freeform-seed{seed}"
     started = time.time()
-    proc = subprocess.run([sys.executable, "-m", "raydistill", "run", CONFIG, "--overwrite", f"run_dir={run_dir}",
-                           f"train.seed={seed}"], cwd=REPO, text=True, capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "raydistill", "run", CONFIG, f"run_dir={run_dir}",
+                           f"train.seed={seed}", "--overwrite"], cwd=REPO, text=True, capture_output=True)
     if proc.returncode != 0:
         raise SystemExit(f"raydistill run failed (seed {seed}):\n{proc.stderr[-3000:]}")
     manifest = json.loads((REPO / run_dir / "eval" / "_manifest.json").read_text())

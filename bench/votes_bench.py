@@ -64,7 +64,7 @@ def one_k(k: int, temperature: float, majority: dict[str, str | None]) -> dict[s
 
     run_dir = REPO / "runs" / f"bench-votes-k{k}"
     started = time.time()
-    run("run", CONFIG, "--overwrite", f"run_dir={run_dir}", f"teacher.votes={k}", f"teacher.temperature={temperature}")
+    run("run", CONFIG, f"run_dir={run_dir}", f"teacher.votes={k}", f"teacher.temperature={temperature}", "--overwrite")
     rows = pq.read_table(run_dir / "eval" / "results").to_pylist()
     teacher = {r["id"]: r for r in rows if r["system"] == "teacher"}
     student = {r["id"]: r for r in rows if r["system"] == "student"}
@@ -120,8 +120,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     args = parser.parse_args()
     eval_run = REPO / "runs" / "bench-votes-eval-majority"
-    run("generate", CONFIG, "--overwrite", f"run_dir={eval_run}", "queries.train_path=builtin:langid-demo/eval",
-        "teacher.max_rows=200", f"teacher.votes={EVAL_VOTES}", f"teacher.temperature={args.temperature}")
+    run("generate", CONFIG, f"run_dir={eval_run}", "queries.train_path=builtin:langid-demo/eval",
+        "teacher.max_rows=200", f"teacher.votes={EVAL_VOTES}", f"teacher.temperature={args.temperature}", "--overwrite")
     majority = majority_labels(eval_run)
     runs = [one_k(k, args.temperature, majority) for k in args.ks]
     by_k = {r["k"]: r for r in runs}
