@@ -9,7 +9,7 @@ NETNS  := scripts/loopback-only
 # Debian packages for the tests: Chromium renders report.html headless (a screenshot).
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test lint clean system-deps demo-data
+.PHONY: setup demo test unit lint clean system-deps demo-data
 
 # `make demo` needs only the Python stack; Chromium is for the tests (they render report.html).
 setup: $(VENV)/.installed demo-data
@@ -44,6 +44,10 @@ test: setup system-deps
 	# one worker per core, up to 4 (tests/conftest.py); a file's tests share its fixtures, so each
 	# file stays on one worker: the four real-engine scenarios run side by side
 	$(NETNS) $(PY) -m pytest -q -n auto --dist loadfile --durations=10 tests
+
+# the quick loop before a commit: the pure unit tests (no Ray cluster, no engine), under a minute
+unit: setup
+	$(PY) -m pytest -q -n auto tests/unit
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -45,6 +45,9 @@ def started_local_ray() -> bool:
     return _started_local
 
 
+START_ATTEMPTS = 3  # a local Ray node that times out in start-up is started again, this many times in all
+
+
 def init_ray(cluster: ClusterConfig) -> Any:
     """ray.init once per process; never attaches to a cluster that nobody asked for."""
     global _started_local
@@ -62,14 +65,25 @@ def init_ray(cluster: ClusterConfig) -> Any:
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
         logger.info("starting a local Ray cluster on 127.0.0.1 (%s logical CPUs)", cluster.num_cpus)
-        ray.init(
-            address="local",
-            num_cpus=cluster.num_cpus,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            runtime_env={"env_vars": local_worker_env(local_gpu_count())},
-            log_to_driver=log_to_driver,
-        )
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                ray.init(
+                    address="local",
+                    num_cpus=cluster.num_cpus,
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    runtime_env={"env_vars": local_worker_env(local_gpu_count())},
+                    log_to_driver=log_to_driver,
+                )
+                break
+            except Exception as exc:
+                # Ray waits a fixed 30 s for its raylet to register; a loaded machine (several Ray
+                # clusters starting at once) can take longer. The node is torn down and started again.
+                if "timed out during startup" not in str(exc) or attempt == START_ATTEMPTS:
+                    raise
+                logger.warning("the local Ray node did not start within Ray's 30 s (attempt %d of %d); starting "
+                               "it again", attempt, START_ATTEMPTS)
+                ray.shutdown()
         _started_local = True
     quiet_ray_driver()
     if not log_to_driver:

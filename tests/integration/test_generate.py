@@ -33,6 +33,15 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "raydistill", *args]
 
 
+def readable_rows(folder: Path) -> int:
+    """Rows in the whole Parquet files of ``folder``."""
+    rows = 0
+    for f in folder.glob("*.parquet"):
+        with contextlib.suppress(Exception):
+            rows += pq.read_metadata(f).num_rows
+    return rows
+
+
 @pytest.fixture(scope="module")
 def resumed_run(tmp_path_factory, tiny_model):
     tmp = tmp_path_factory.mktemp("generate")
@@ -53,12 +62,13 @@ def resumed_run(tmp_path_factory, tiny_model):
     cfg.write_text(yaml.safe_dump(config))
     partial = tmp / "run" / ".samples.partial"
 
-    # Run 1: killed with SIGKILL as soon as some samples are on disk.
+    # Run 1: killed with SIGKILL as soon as one file of samples is whole on disk (a file that
+    # exists may still be being written: its rows count only once its footer reads back).
     log1 = (tmp / "run1.log").open("w")
     driver = subprocess.Popen(_cli("generate", str(cfg)), cwd=REPO, stdout=log1, stderr=subprocess.STDOUT,
                               start_new_session=True)
-    deadline = time.time() + 420
-    while time.time() < deadline and driver.poll() is None and not list(partial.glob("*.parquet")):
+    deadline = time.time() + 900  # a slow, loaded host starts Ray and the engine in minutes
+    while time.time() < deadline and driver.poll() is None and not readable_rows(partial):
         time.sleep(0.2)
     finished_early = driver.poll() is not None
     os.kill(driver.pid, signal.SIGKILL)
@@ -67,10 +77,7 @@ def resumed_run(tmp_path_factory, tiny_model):
     with contextlib.suppress(ProcessLookupError):  # the Ray processes it started go too, as on a lost node
         os.killpg(driver.pid, signal.SIGKILL)
     assert not finished_early, (tmp / "run1.log").read_text()[-3000:]
-    before = 0
-    for f in partial.glob("*.parquet"):
-        with contextlib.suppress(Exception):  # a file torn by the kill; resume deletes it
-            before += pq.read_metadata(f).num_rows
+    before = readable_rows(partial)  # a file torn by the kill does not count; resume deletes it
     # Run 2: the same command, with --resume.
     proc = subprocess.run(_cli("generate", str(cfg), "--resume"), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
