@@ -22,13 +22,10 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from common import git_commit, host  # bench/common.py (the script's folder is on sys.path)
+from common import REPO, git_commit, host, write_results  # bench/common.py (the script's folder is on sys.path)
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
 CONFIG = "examples/custom_task/support/config.yaml"
 RATIOS = ("input_tokens_teacher_over_student", "teacher_logprob_gap", "fidelity_student_over_base")
 
@@ -94,10 +91,7 @@ def main() -> None:
            "provenance": {"command": "scripts/loopback-only .venv/bin/python bench/freeform_bench.py "
                                      + " ".join(["--seeds", *map(str, args.seeds)]),
                           "commit": git_commit(), "config": CONFIG, "date": time.strftime("%Y-%m-%d")}}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "freeform.json").write_text(json.dumps(out, indent=1) + "\n")
-    (RESULTS / "freeform.md").write_text(markdown(out))
-    print(markdown(out))  # noqa: T201
+    write_results("freeform", out, markdown(out))
 
 
 if __name__ == "__main__":

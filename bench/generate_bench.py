@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -35,16 +36,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
+from common import REPO, RESULTS, teacher_engine_kwargs
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
 MODEL = "builtin:smollm2-135m-instruct"
 PROMPTED_TASK = "langid-long"  # the demo's task
 MARKER = "BENCH-RESULT "  # engines print to stdout too; the result line is the one with this prefix
-TEACHER = {"model": MODEL, "dtype": "float32", "enforce_eager": True, "temperature": 0.0, "max_tokens": 8,
+TEACHER: dict[str, Any] = {"model": MODEL, "dtype": "float32", "enforce_eager": True, "temperature": 0.0, "max_tokens": 8,
            "batch_size": 64, "rows_per_file": 256}
 
 
@@ -94,12 +96,8 @@ def plain_vllm(kind: str, task_name: str, queries: Path) -> dict:
     import vllm
     from vllm import SamplingParams
 
-    from raydistill.config import TeacherConfig
-    from raydistill.models import resolve_model
-    from raydistill.teacher.generate import engine_kwargs
-
     texts = prompts(task_name, queries)
-    kwargs = {"model": resolve_model(MODEL), **engine_kwargs(TeacherConfig(**TEACHER))}
+    kwargs = teacher_engine_kwargs(TEACHER)  # the engine raydistill generate builds for TEACHER
     params = SamplingParams(temperature=0.0, max_tokens=TEACHER["max_tokens"])
     if kind == "vllm-async":
         engine = vllm.AsyncLLMEngine.from_engine_args(vllm.AsyncEngineArgs(**kwargs))
@@ -158,7 +156,8 @@ ENGINE_READY = re.compile(r"INFO (\d\d-\d\d \d\d:\d\d:\d\d) \[core\.py:\d+\] ini
 
 
 def run_raydistill(task_name: str, queries: Path, work: Path, n: int) -> dict:
-    config = {"run_dir": str(work / f"run-{Path(task_name).stem}"), "task": {"name": task_name},
+    run_dir = work / f"run-{Path(task_name).stem}"
+    config = {"run_dir": str(run_dir), "task": {"name": task_name},
               "queries": {"train_path": str(queries), "eval_path": str(queries)},
               "teacher": {**TEACHER, "max_rows": n}, "cluster": {"num_cpus": 4}}
     cfg = work / f"config-{Path(task_name).stem}.yaml"
@@ -169,7 +168,7 @@ def run_raydistill(task_name: str, queries: Path, work: Path, n: int) -> dict:
     end_to_end = time.time() - t0
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
-    samples = Path(config["run_dir"]) / "samples"
+    samples = run_dir / "samples"
     last_file = max(f.stat().st_mtime for f in samples.glob("*.parquet"))
     stamps = ENGINE_READY.findall(proc.stdout + proc.stderr)
     if not stamps:
@@ -217,8 +216,9 @@ def main() -> None:
     bare = work / "langid-bare.yaml"
     bare_task(bare)
     results: dict[str, dict] = {}
-    systems = {"raydistill": lambda t: run_raydistill(t, queries, work, args.queries),
-               **{kind: (lambda t, k=kind: worker(k, t, queries, args.hf_queries)) for kind in PLAIN_VLLM},
+    systems: dict[str, Callable[[str], dict]] = {
+               "raydistill": lambda t: run_raydistill(t, queries, work, args.queries),
+               **{kind: functools.partial(worker, kind, queries=queries, limit=args.hf_queries) for kind in PLAIN_VLLM},
                "transformers": lambda t: worker("hf", t, queries, args.hf_queries)}
     for variant, task_name in (("prompted", PROMPTED_TASK), ("bare", str(bare))):
         for system, fn in systems.items():
@@ -238,12 +238,12 @@ def write(results: dict[str, dict], args: argparse.Namespace) -> None:
     def gen(key: str) -> float:
         return r[key]["qps_steady"]
 
-    ratios: dict[str, float] = {}
+    ratios: dict[str, float | str] = {}
     for variant in ("prompted", "bare"):
-        best = max(PLAIN_VLLM, key=lambda k, v=variant: gen(f"{k}/{v}"))
+        best = max(PLAIN_VLLM, key=lambda k: gen(f"{k}/{variant}"))
         suffix = "" if variant == "prompted" else "_bare"
         ratios[f"raydistill_over_best_plain_vllm{suffix}"] = gen(f"raydistill/{variant}") / gen(f"{best}/{variant}")
-        ratios[f"best_plain_vllm{suffix}"] = best  # type: ignore[assignment]
+        ratios[f"best_plain_vllm{suffix}"] = best
         ratios[f"raydistill_over_transformers{suffix}"] = gen(f"raydistill/{variant}") / gen(f"transformers/{variant}")
         ratios[f"raydistill_over_best_plain_vllm_end_to_end{suffix}"] = (
             r[f"raydistill/{variant}"]["qps_end_to_end"] / max(r[f"{k}/{variant}"]["qps_end_to_end"] for k in PLAIN_VLLM))

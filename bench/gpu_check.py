@@ -7,6 +7,9 @@ one GPU in bf16, next to a plain transformers + PEFT bf16 loop on the same batch
 
     python bench/gpu_check.py --tokenizer DIR --samples FILE.parquet --out DIR
 
+with raydistill installed in that Python (``pip install -c constraints-gpu.txt -e ".[gpu,dev]"``
+from the repository root, as docs/cluster.md sets up a GPU machine).
+
 Modes, each in its own process (DeepSpeed ZeRO-3 patches module init globally):
   plain          transformers + PEFT LoRA, bf16 weights, torch AdamW, the model's own loss;
   ds0/ds2/ds3    raydistill's loop step, LoRA, DeepSpeed bf16 with ZeRO stage 0/2/3;
@@ -21,6 +24,7 @@ SmolLM2-135M shape for the numerics and export checks. Writes ``gpu_check.json``
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -31,12 +35,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from common import RESULTS
 
 if TYPE_CHECKING:
     from raydistill.config import TrainConfig
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 # SmolLM2-1.7B's shape (same tokenizer and chat template as the 135M model).
 LARGE = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24, "num_attention_heads": 32,
@@ -141,6 +143,8 @@ def timed(step_fn, data: list[dict], warmup: int) -> dict[str, Any]:
         losses.append(loss)
         tokens += n
     sync()
+    if t0 is None:
+        raise ValueError(f"warmup {warmup} leaves none of the {len(data)} batches to time")
     wall = time.perf_counter() - t0
     return {"tokens_per_s": round(tokens / wall, 1), "step_s": round(wall / (len(data) - warmup), 4),
             "timed_steps": len(data) - warmup, "loss_first": losses[0], "loss_last5": float(np.mean(losses[-5:])),
@@ -300,7 +304,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizer", help="folder with the SmolLM2 tokenizer and config")
     parser.add_argument("--samples", required=True, help="teacher samples Parquet (query, label, response, ...)")
-    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--work", default="/tmp/gpu-check")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--steps", type=int, default=40)
@@ -310,6 +314,9 @@ def main() -> None:
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--mode")
     args = parser.parse_args()
+    if importlib.util.find_spec("raydistill") is None:
+        raise SystemExit("raydistill is not installed in this Python: from the repository root run "
+                         "pip install -c constraints-gpu.txt -e '.[gpu,dev]' (docs/cluster.md), then this again")
     if args.child:
         try:
             child(args)

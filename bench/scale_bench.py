@@ -36,14 +36,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import REPO, RESULTS, git_commit
 
-REPO = Path(__file__).resolve().parent.parent
 SIZES = [10**4, 10**5, 10**6, 10**7]
 PATHS = ["queries-jsonl", "queries-parquet", "queries-dedup", "ledger", "train", "evaluate"]
 # the largest size each part runs at, and why (the md says so too)
@@ -285,7 +285,8 @@ def run_ledger(n: int, work: Path, s: Sampler, phases: dict[str, Any]) -> dict[s
              "text": np.array(["Das ist ein kurzer Satz auf Deutsch."] * batch_n, dtype=object),
              "gold": np.array([None] * batch_n, dtype=object)}
     with s.phase("udf", phases) as rec:
-        actor = ray.remote(num_cpus=0.5)(Caller).remote(TOKENIZER, {"langid": load_task("langid")}, TeacherConfig(), [done_ref])
+        caller: Any = ray.remote(num_cpus=0.5)(Caller)  # Any: Ray's types do not follow an actor class through options
+        actor = caller.remote(TOKENIZER, {"langid": load_task("langid")}, TeacherConfig(), [done_ref])
         t_init, t_call, out_ids = ray.get(actor.run.remote(batch))
         rec.update(actor_init_s=round(t_init, 3), call_s=round(t_call, 3), us_per_query=round(1e6 * t_call / batch_n, 1))
     assert out_ids == ids[half:], "the request UDF must skip exactly the finished samples"
@@ -325,6 +326,7 @@ def run_train(n: int, work: Path, s: Sampler, phases: dict[str, Any]) -> dict[st
     import ray
 
     from raydistill.config import load_config
+    from raydistill.storage import location
     from raydistill.student.train import check_samples, example_datasets
     from raydistill.tasks.task import load_task
 
@@ -336,7 +338,7 @@ def run_train(n: int, work: Path, s: Sampler, phases: dict[str, Any]) -> dict[st
     cfg = load_config(REPO / "raydistill" / "configs" / "demo_cpu.yaml", ["train.val_fraction=0.0"])
     if n <= LIMITS[("train", "examples")][0]:
         with s.phase("examples", phases) as rec:
-            train_ds, _, n_examples, _ = example_datasets(cfg, folder, TOKENIZER, {"langid": load_task("langid")})
+            train_ds, _, n_examples, _, _ = example_datasets(cfg, location(folder), TOKENIZER, {"langid": load_task("langid")})
             rec["examples"] = n_examples
         lengths = [len(x) for x in train_ds.take_batch(2_000, batch_format="numpy")["input_ids"]]
         extra["example_tokens_mean"] = float(np.mean(lengths))
@@ -346,10 +348,11 @@ def run_train(n: int, work: Path, s: Sampler, phases: dict[str, Any]) -> dict[st
         lengths_file = work / "example_lengths.json"
         lengths = json.loads(lengths_file.read_text()) if lengths_file.exists() else [120]
         ds = ray.data.range(n, override_num_blocks=max(8, n // 20_000)).map_batches(
-            synthetic_examples, fn_kwargs={"lengths": lengths}, batch_format="numpy").materialize()
+            functools.partial(synthetic_examples, lengths=lengths), batch_format="numpy").materialize()
         with s.phase("epoch", phases) as rec:
             shards = ds.streaming_split(2, equal=True)
-            consumers = [ray.remote(num_cpus=0.5)(ShardConsumer).remote() for _ in shards]
+            consumer: Any = ray.remote(num_cpus=0.5)(ShardConsumer)
+            consumers = [consumer.remote() for _ in shards]
             seen = ray.get([c.epoch.remote(shard, cfg.train.batch_size_per_worker) for c, shard in zip(consumers, shards)])
             rec["examples_seen"] = sum(seen)
     return extra
@@ -388,12 +391,13 @@ def run_evaluate(n: int, work: Path, s: Sampler, phases: dict[str, Any]) -> dict
 
     from raydistill.evaluate.evaluate import analyze, collect_stats, merge_stats
     from raydistill.evaluate.report import write_report
+    from raydistill.storage import location
 
     folder = result_files(work, n)
     labels = ["ar", "de", "el", "en", "es", "fr", "hi", "ru", "tr", "ur", "vi", "zh", "ot"]
     systems = ["teacher", "student"]
     with s.phase("collect", phases):
-        stats = collect_stats(folder)
+        stats = collect_stats(location(folder))
     with s.phase("analyze_report", phases):
         summary = analyze(merge_stats(stats.values()), labels, systems)
         per_task = {k: analyze(v, labels, systems) for k, v in stats.items()}
@@ -406,7 +410,7 @@ def run_evaluate(n: int, work: Path, s: Sampler, phases: dict[str, Any]) -> dict
             "files": sum(1 for _ in folder.rglob("*.parquet"))}
 
 
-RUNNERS = {"queries-jsonl": functools.partial(run_queries, "jsonl", False),
+RUNNERS: dict[str, Callable[[int, Path, Sampler, dict[str, Any]], dict[str, Any]]] = {"queries-jsonl": functools.partial(run_queries, "jsonl", False),
            "queries-parquet": functools.partial(run_queries, "parquet", False),
            "queries-dedup": functools.partial(run_queries, "jsonl", True), "ledger": run_ledger, "train": run_train, "evaluate": run_evaluate}
 
@@ -436,11 +440,11 @@ def child(path: str, n: int, work: Path, out: Path) -> None:
 
 # ---------------------------------------------------------------- the orchestrator
 
-def fit(sizes: list[int], values: list[float]) -> float | None:
-    """Least-squares slope of values against rows (per row)."""
+def fit(sizes: list[int], values: list[float], digits: int, scale: float = 1.0) -> float | None:
+    """Least-squares slope of values against rows (per row), times ``scale``, rounded (None below two sizes)."""
     if len(sizes) < 2:
         return None
-    return float(np.polyfit(np.asarray(sizes, float), np.asarray(values, float), 1)[0])
+    return round(scale * float(np.polyfit(np.asarray(sizes, float), np.asarray(values, float), 1)[0]), digits)
 
 
 def growth(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -452,16 +456,12 @@ def growth(results: list[dict[str, Any]]) -> dict[str, Any]:
         for phase in phases:
             pts = [(r["rows"], r["phases"][phase]) for r in runs if phase in r["phases"]]
             sizes = [n for n, _ in pts]
-            biggest = {}
-            for _, rec in pts:
-                for kind, v in rec["worker_peak_rss_mb"].items():
-                    biggest.setdefault(kind, []).append(v)
             out[f"{path}/{phase}"] = {
                 "sizes": sizes,
-                "us_per_row": round(1e6 * fit(sizes, [rec["wall_s"] for _, rec in pts]), 3) if len(pts) > 1 else None,
-                "driver_bytes_per_row": round(fit(sizes, [rec["driver_peak_rss_mb"] * 2**20 for _, rec in pts]), 3) if len(pts) > 1 else None,
-                "largest_worker_bytes_per_row": round(fit(sizes, [max(rec["worker_peak_rss_mb"].values(), default=0) * 2**20
-                                                              for _, rec in pts]), 2) if len(pts) > 1 else None,
+                "us_per_row": fit(sizes, [rec["wall_s"] for _, rec in pts], 3, scale=1e6),
+                "driver_bytes_per_row": fit(sizes, [rec["driver_peak_rss_mb"] * 2**20 for _, rec in pts], 3),
+                "largest_worker_bytes_per_row": fit(sizes, [max(rec["worker_peak_rss_mb"].values(), default=0) * 2**20
+                                                            for _, rec in pts], 2),
             }
     return out
 
@@ -481,13 +481,6 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
         out[path] = {"driver_rss_1e7_over_1e5": round(by_size[10**7] / by_size[10**5], 3) if 10**7 in by_size else None,
                      "driver_rss_largest_over_1e5": round(by_size[largest] / by_size[10**5], 3), "largest": largest}
     return out
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def write_md(data: dict[str, Any], path: Path) -> None:
@@ -580,7 +573,7 @@ def main() -> None:
     parser.add_argument("--sizes", default=",".join(str(n) for n in SIZES))
     parser.add_argument("--paths", default=",".join(PATHS))
     parser.add_argument("--work", default="/tmp/rd/scale", help="generated data (kept between runs; large)")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "scale"))
+    parser.add_argument("--out", default=str(RESULTS / "scale"))
     parser.add_argument("--child", nargs=2, metavar=("PATH", "ROWS"), help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -31,16 +31,15 @@ import json
 import os
 import platform
 import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
+from common import REPO, RESULTS, git_commit
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
 MODEL = "builtin:smollm2-135m-instruct"
 TASK = "langid-long"
 MAX_TOKENS = 8
@@ -217,7 +216,8 @@ def main() -> None:
         shutdown_serving(cfg)  # Ray stays up: the direct actors run in the same session
 
     # The same engine class, resources and environment as a Serve replica, as a plain actor.
-    actor_cls = ray.remote(num_cpus=1, runtime_env={"env_vars": CPU_ENGINE_ENV})(ModelServer)
+    # Any: Ray's types do not follow an actor class through ray.remote(**options)
+    actor_cls: Any = ray.remote(num_cpus=1, runtime_env={"env_vars": CPU_ENGINE_ENV})(ModelServer)
     actors = {name: actor_cls.remote(path, cfg.serve.model_dump(), 1)
               for name, path in (("student", str(student)), ("teacher", base))}
     ray.get([a.health.remote() for a in actors.values()])
@@ -237,14 +237,6 @@ def main() -> None:
     serve.shutdown()
     ray.shutdown()
     write(results, args, len(task.teacher_messages("x")), str(student))
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def write(results: dict[str, dict], args: argparse.Namespace, teacher_turns: int, student: str) -> None:

@@ -33,13 +33,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from common import REPO, RESULTS
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
 MODEL = "builtin:smollm2-135m-instruct"
 WORKERS, BATCH = 2, 8
 PLAIN = "plain transformers+PEFT (1 process, 2 threads)"
@@ -174,6 +174,8 @@ def plain_loop(steps: int) -> dict:
         else:
             tokens += int(mask.sum())
     wall = time.time() - started
+    if t_first is None:
+        raise ValueError("no steps run: --steps must be at least 1")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"steps": steps, "tokens_per_s": tokens / (time.time() - t_first), "train_wall_s": wall,
             "peak_rss_mb_worker": peak, "peak_rss_above_start_mb_worker": peak - rss0}
@@ -211,7 +213,7 @@ def main() -> None:
             key = (f"raydistill {'LoRA' if method == 'lora' else 'full FT'} ZeRO-{stage[1:]}"
                    + (", grad ckpt" if "gc" in flags else "") + (f", {MALLOC_NOTE}" if "m" in flags else "")
                    + (f", {workers} workers" if workers != WORKERS else "") + (f", {SHAPE_NOTE}" if "360m" in flags else ""))
-            extra = {} if method == "lora" else {"method": "full", "learning_rate": 1e-5}
+            extra: dict[str, Any] = {} if method == "lora" else {"method": "full", "learning_rate": 1e-5}
             if "360m" in flags:
                 extra["model"] = random_model(work / "model-360m", SHAPE_360M)
             if "gc" in flags:

@@ -24,10 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import git_commit, host  # bench/common.py (the script's folder is on sys.path)
+from common import REPO, git_commit, host, write_results  # bench/common.py (the script's folder is on sys.path)
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
 CONFIG = "jobs/configs/demo_cpu.yaml"
 EVAL_VOTES = 5
 
@@ -136,10 +134,7 @@ def main() -> None:
            "provenance": {"command": "scripts/loopback-only .venv/bin/python bench/votes_bench.py "
                                      + " ".join(["--ks", *map(str, args.ks), "--temperature", str(args.temperature)]),
                           "commit": git_commit(), "config": CONFIG, "date": time.strftime("%Y-%m-%d")}}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "votes.json").write_text(json.dumps(out, indent=1) + "\n")
-    (RESULTS / "votes.md").write_text(markdown(out))
-    print(markdown(out))  # noqa: T201
+    write_results("votes", out, markdown(out))
 
 
 if __name__ == "__main__":

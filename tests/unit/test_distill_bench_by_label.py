@@ -1,16 +1,22 @@
-"""bench/distill_bench.py's per-language breakdown: the numbers behind "where agreement is lost"."""
+"""research/langid/distill_bench.py's per-language breakdown: the numbers behind "where agreement is lost"."""
 
 import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from raydistill.tasks.task import load_task
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "distill_bench.py"
+STUDIES = Path(__file__).resolve().parents[2] / "research" / "langid"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("distill_bench", BENCH)
+@pytest.fixture
+def bench(monkeypatch):
+    """The study's module, loaded as ``python research/langid/distill_bench.py`` runs it: with its
+    folder on sys.path (it imports its sibling ``study``)."""
+    monkeypatch.syspath_prepend(str(STUDIES))
+    spec = importlib.util.spec_from_file_location("distill_bench", STUDIES / "distill_bench.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -21,8 +27,8 @@ def write_answers(folder: Path, answers: list[str]) -> None:
     (folder / "answers.json").write_text(json.dumps(answers))
 
 
-def test_by_label_counts_teacher_stability_and_agreement(tmp_path):
-    bench, task = load_bench(), load_task("langid-long")
+def test_by_label_counts_teacher_stability_and_agreement(tmp_path, bench):
+    task = load_task("langid-long")
     # Chinese text the teacher calls English once and Chinese once; Urdu it always calls Arabic.
     teacher = {
         "q1": {"gold": "zh", "label": "en", "response": " English."},
@@ -51,11 +57,10 @@ def test_by_label_counts_teacher_stability_and_agreement(tmp_path):
     assert "copied: `ur` (teacher right 0/1, student agrees 1/1)" in text
 
 
-def test_margin_subset_takes_the_least_sure_half_and_a_fixed_rest(tmp_path):
+def test_margin_subset_takes_the_least_sure_half_and_a_fixed_rest(tmp_path, bench):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    bench = load_bench()
     gaps = {"a": 5.0, "b": 0.1, "c": 3.0, "d": 0.2, "e": 4.0, "f": 0.05, "g": 6.0}
     rows = [{"id": i, "top_logprobs": [[-0.1, -0.1 - g], [-0.01, -5.0]]} for i, g in gaps.items()]
     source = tmp_path / "samples"
