@@ -320,13 +320,25 @@ def cluster(tmp: Path, *, worker_cpus: int = 4, worker_gpus: int = 0, private: I
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", gcs_port), timeout=2):
                 break
             time.sleep(1)
-        with c.worker_log.open("w") as log:
-            worker = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                                      stdout=log, stderr=subprocess.STDOUT, env=worker_env, start_new_session=True)
+        def start_worker() -> subprocess.Popen:
+            with c.worker_log.open("a") as log:
+                return subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                                        stdout=log, stderr=subprocess.STDOUT, env=worker_env, start_new_session=True)
+
+        worker = start_worker()
         c._procs.append(worker)
         c.worker_pid = worker.pid
         own_ns = os.readlink("/proc/self/ns/mnt")
+        starts = 1
         while True:
+            if worker.poll() is not None and starts < NODE_STARTS and RAY_START_TIMEOUT in c.worker_log.read_text():
+                # Ray waits a fixed 30 s for a raylet to register; on a loaded machine start it again
+                starts += 1
+                _stop_session(worker)  # whatever it left running in its session
+                c._procs.remove(worker)
+                worker = start_worker()
+                c._procs.append(worker)
+                c.worker_pid, c.worker_mount_ns = worker.pid, None
             _check_alive(c, deadline, "the cluster did not reach 2 alive nodes")
             if not c.worker_mount_ns:
                 with contextlib.suppress(OSError):
@@ -353,6 +365,10 @@ def cluster(tmp: Path, *, worker_cpus: int = 4, worker_gpus: int = 0, private: I
             if left:
                 raise RuntimeError(f"processes {left} still hold the worker node's mount namespace")
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+RAY_START_TIMEOUT = "timed out during startup"  # `ray start`'s message when its raylet took over 30 s
+NODE_STARTS = 3  # a worker node that timed out in start-up is started again, this many times in all
 
 
 def _check_alive(c: Cluster, deadline: float, what: str) -> None:
