@@ -28,6 +28,7 @@ from raydistill.evaluate.report import (
     _pyplot,
     _times,
     plot_latency,
+    save_figure,
     summary_rows,
 )
 
@@ -146,10 +147,7 @@ def plot_distributions(fidelity: dict[str, Any], path: Path) -> Path:
     for ax in axes:
         ax.set_ylabel("queries")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_free_report(folder: Path, metrics: dict[str, dict[str, Any]], fidelity: dict[str, Any],

@@ -169,6 +169,14 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write as PNG and free a report figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_confusions(matrices: dict[str, np.ndarray], labels: Sequence[str], path: Path) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(matrices), figsize=(5.2 * len(matrices), 5), squeeze=False)
@@ -184,10 +192,7 @@ def plot_confusions(matrices: dict[str, np.ndarray], labels: Sequence[str], path
             if n:
                 ax.text(j, i, str(n), ha="center", va="center", fontsize=6,
                         color="white" if n > matrix.max() / 2 else "black")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_accuracy_by_label(by_label: dict[str, dict[str, float | None]], labels: Sequence[str], path: Path) -> Path:
@@ -204,10 +209,7 @@ def plot_accuracy_by_label(by_label: dict[str, dict[str, float | None]], labels:
     ax.set_ylim(0, 100)
     ax.set_title("Accuracy by gold label")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_latency(latencies: dict[str, list[float]], path: Path) -> Path:
@@ -225,10 +227,7 @@ def plot_latency(latencies: dict[str, list[float]], path: Path) -> Path:
     ax.set_title("Request latency (CDF)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _confusion_md(matrix: np.ndarray, labels: Sequence[str]) -> list[str]:
