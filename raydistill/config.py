@@ -134,6 +134,35 @@ class TeacherConfig(_Section):
         return (c, c) if isinstance(c, int) else (int(c[0]), int(c[1]))
 
 
+class OnPolicyConfig(_Section):
+    """On-policy distillation after (or instead of) the usual steps on the teacher's samples: the
+    student answers bare training queries on a vLLM engine, the teacher *with* the target prompt
+    scores those tokens (``prompt_logprobs``), and the student is updated on the per-token reverse
+    KL (docs/on_policy.md)."""
+
+    steps: int = Field(0, ge=0, description="On-policy optimizer steps after the off-policy ones (0: off-policy only).")
+    warm_start: bool = Field(True, description="Take the usual steps on the teacher's samples first (an SFT warm start); "
+                             "false: on-policy from the base model.")
+    queries_per_step: int = Field(8, ge=1, description="Training queries each worker's rollouts answer per step.")
+    samples_per_query: int = Field(1, ge=1, description="Student answers sampled per query.")
+    max_tokens: int = Field(32, ge=1, description="Most tokens in a student answer (rollout).")
+    temperature: float = Field(1.0, gt=0.0, description="Rollout sampling temperature (1: the student's own distribution).")
+    refresh_every: int = Field(1, ge=1, description="Steps between sending the adapter to the rollout engine; the "
+                               "steps between use answers of an older adapter, importance-weighted.")
+    importance_clip: float = Field(2.0, gt=0.0, description="Upper clip of the per-token importance weight "
+                                   "(current / rollout adapter probability).")
+    eval_queries: int = Field(16, ge=0, description="Held-out queries (the validation split) whose reverse KL is "
+                              "measured at the start, every eval_every steps, and at the end (0: none).")
+    eval_every: int = Field(0, ge=0, description="Held-out reverse KL every N on-policy steps (0: start and end only).")
+    rollout_resources: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1.0}, description="Ray resources of the rollout engine's actor, e.g. "
+        "{GPU: 1} or a custom resource that pins it to a node group, apart from training.")
+    scorer_resources: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1.0}, description="Ray resources of the teacher scorer's actor (its engine "
+        "is configured by teacher.*).")
+    rollout_kv_cache_gib: float = Field(0.5, gt=0.0, description="KV cache of the rollout engine on CPU (ignored on GPU).")
+
+
 class TrainConfig(_Section):
     """Student fine-tuning with Ray Train + DeepSpeed ZeRO + PEFT."""
 
@@ -180,11 +209,16 @@ class TrainConfig(_Section):
     kl_weight: float = Field(0.0, ge=0.0, le=1.0, description="Weight of KL to the teacher's top-k logprobs (needs teacher.logprobs).")
     tracking: Literal["none", "mlflow"] = Field("none", description="Log metrics to MLflow through Ray's setup_mlflow.")
     mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking server URI; default sqlite:///<run_dir>/mlflow.db.")
+    on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig,
+                                      description="On-policy distillation (train.on_policy.steps > 0).")
 
     @model_validator(mode="after")
     def _check_soft_targets(self) -> TrainConfig:
         if self.kl_weight > 0 and self.target != "response":
             raise ValueError("train.kl_weight > 0 trains on the teacher's own tokens: set train.target=response")
+        if self.on_policy.steps and self.method != "lora":
+            raise ValueError("train.on_policy sends the LoRA adapter to its rollout engine; full fine-tuning has none: "
+                             "set train.method=lora")
         return self
 
 

@@ -56,6 +56,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     their schedules) → export."""
     worker = setup(LoopConfig.from_ray(config))
     train_wall = run_steps(worker)
+    if worker.cfg.train.on_policy.steps:
+        from raydistill.student.on_policy_loop import run_on_policy
+
+        train_wall += run_on_policy(worker)
     finish(worker, train_wall)
 
 
@@ -111,13 +115,13 @@ def start_tracking(cfg: LoopConfig, rank: int, step: int) -> Any:
 
 
 def run_steps(w: Worker) -> float:
-    """Optimizer steps up to ``total_steps`` (or until the data runs out); returns the wall time."""
+    """Off-policy optimizer steps up to ``off_policy_steps`` (or until the data runs out); returns the wall time."""
     from raydistill.student.step import optimizer_step
 
     train = w.cfg.train
     w.started = time.time()
     steps = optimizer_steps(micro_batches(w), train.gradient_accumulation_steps)
-    for epoch, group in itertools.islice(steps, max(0, w.cfg.total_steps - w.step)):
+    for epoch, group in itertools.islice(steps, max(0, w.cfg.off_policy_steps - w.step)):
         for loss, tokens in optimizer_step(w.engine, group, w.cfg.pad_token_id, train.kl_weight):
             w.losses.append(loss)
             w.tokens += tokens
@@ -165,9 +169,10 @@ def end_of_step(w: Worker, epoch: int) -> None:
 
     train, step = w.cfg.train, w.step
     last = step >= w.cfg.total_steps
-    evaluate_now = w.val_shard is not None and (last or bool(train.eval_every and step % train.eval_every == 0))
+    phase_end = step >= w.cfg.off_policy_steps  # the validation loss closes the off-policy steps too
+    evaluate_now = w.val_shard is not None and (phase_end or bool(train.eval_every and step % train.eval_every == 0))
     checkpoint_now = bool(train.checkpoint_every) and step % train.checkpoint_every == 0 and not last
-    if not (step % train.log_every == 0 or last or evaluate_now or checkpoint_now):
+    if not (step % train.log_every == 0 or phase_end or evaluate_now or checkpoint_now):
         return
     w.row = metrics_row(w, epoch)
     if evaluate_now:
@@ -200,9 +205,15 @@ def metrics_row(w: Worker, epoch: int) -> dict[str, Any]:
 def log_row(w: Worker) -> None:
     """Rank 0: the log line, a line of metrics.jsonl, and MLflow."""
     row = w.row
-    logger.info("step %d/%d loss %.4f%s lr %.2e %.0f tokens/s/worker", w.step, w.cfg.total_steps, row["loss"] or 0.0,
-                f" eval_loss {row['eval_loss']:.4f}" if row.get("eval_loss") is not None else "",
-                row["lr"], row["tokens_per_s_worker"])
+    if row.get("phase") == "on_policy":
+        logger.info("step %d/%d (on-policy) reverse KL %.4f/token%s lr %.2e; rollout %.1fs, scoring %.1fs, update %.1fs",
+                    w.step, w.cfg.total_steps, row["reverse_kl"],
+                    f" held-out {row['eval_reverse_kl']:.4f}" if row.get("eval_reverse_kl") is not None else "",
+                    row["lr"], row["rollout_s"], row["score_s"], row["update_s"])
+    else:
+        logger.info("step %d/%d loss %.4f%s lr %.2e %.0f tokens/s/worker", w.step, w.cfg.total_steps, row["loss"] or 0.0,
+                    f" eval_loss {row['eval_loss']:.4f}" if row.get("eval_loss") is not None else "",
+                    row["lr"], row["tokens_per_s_worker"])
     with w.cfg.metrics_path.open("a") as fh:
         fh.write(json.dumps(row) + "\n")
     sync_metrics(w.cfg)
@@ -250,4 +261,17 @@ def train_summary(w: Worker, train_wall: float, peak_train: float) -> dict[str, 
         "peak_rss_training_mb_worker0": round(peak_train, 1),
         "peak_rss_training_above_start_mb_worker0": round(peak_train - start, 1),
         "memory_phases_mb_worker0": {k: round(v, 1) for k, v in w.memory.phases.items()},
+        **on_policy_part(w),
     }
+
+
+def on_policy_part(w: Worker) -> dict[str, Any]:
+    """The on-policy steps' summary, from every row of metrics.jsonl (a resumed run's included)."""
+    if not w.cfg.train.on_policy.steps:
+        return {}
+    from raydistill.student.on_policy_loop import on_policy_summary
+
+    rows = [json.loads(line) for line in w.cfg.metrics_path.read_text().splitlines() if line.strip()]
+    last_eval: dict[str, Any] = next((r for r in reversed(rows) if r.get("eval_loss") is not None), {})  # the off-policy steps' last
+    return {"off_policy_steps": w.cfg.off_policy_steps, "final_eval_loss": last_eval.get("eval_loss"),
+            "final_eval_kl": last_eval.get("eval_kl"), "on_policy": on_policy_summary(rows)}

@@ -28,6 +28,14 @@ class LoopConfig(BaseModel):
     mlflow_tracking_uri: str | None = Field(None, description="MLflow store when train.tracking=mlflow.")
     run_dir: str = Field(description="The run folder (tagged on the MLflow run).")
     tasks: list[str] = Field(default_factory=list, description="Task keys; with several, the eval loss is also per task.")
+    sft_steps: int | None = Field(None, ge=0, description="Of total_steps, the off-policy ones (on the teacher's "
+                                  "samples; None: all); the rest are on-policy (train.on_policy).")
+    on_policy_queries: str | None = Field(None, description="The on-policy query file (token ids) in run storage.")
+    engines_key: str | None = Field(None, description="Names the on-policy engines' actors (on_policy_engines).")
+
+    @property
+    def off_policy_steps(self) -> int:
+        return self.total_steps if self.sft_steps is None else self.sft_steps
 
     @property
     def export(self) -> Location:

@@ -9,6 +9,7 @@ from the last one after a crash; a failed worker group is restarted from it auto
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -33,6 +34,8 @@ from raydistill.storage import Location, location
 from raydistill.student.examples import OPTIONAL_COLUMNS, build_examples_batch, example_columns
 from raydistill.student.loop import MLFLOW_EXPERIMENT, train_loop_per_worker
 from raydistill.student.loop_config import LoopConfig
+from raydistill.student.on_policy_engines import start_engines, stop_engines
+from raydistill.student.on_policy_setup import check_tokenizers, write_queries
 from raydistill.student.votes import CONFIDENCE, majority_vote
 from raydistill.tasks.pipeline_tasks import run_tasks, specs_by_key, task_factors
 
@@ -210,6 +213,11 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
     factors = task_factors(valid, {t.key: t.weight for t in tasks})
     model_path = resolve_model(cfg.train.student_model)
     check_student_model(model_path, cfg)
+    on_policy = cfg.train.on_policy
+    models = {cfg.train.student_model: model_path}
+    if on_policy.steps:  # the teacher scores the student's tokens: one tokenizer, checked before any work
+        models[cfg.teacher.model] = teacher_path = resolve_model(cfg.teacher.model)
+        teacher_tokenizer = check_tokenizers(model_path, teacher_path, cfg)
     tracking_uri = None
     if cfg.train.tracking == "mlflow":
         if not cfg.train.mlflow_tracking_uri and run_dir.remote:
@@ -218,27 +226,42 @@ def train(cfg: PipelineConfig, *, overwrite: bool = False, resume: bool = False)
         tracking_uri = cfg.train.mlflow_tracking_uri or f"sqlite:///{run_dir.local_path() / 'mlflow.db'}"
         check_mlflow(tracking_uri)
     connect(cfg)
-    check_models_on_nodes({cfg.train.student_model: model_path})
+    check_models_on_nodes(models)
     storage = train_storage(run_dir, overwrite=overwrite, resume=resume)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train_ds, val_ds, n_examples, n_val, votes = example_datasets(cfg, samples_dir, model_path, specs_by_key(tasks),
                                                                   factors)
-    plan = plan_steps(n_examples - n_val, cfg)
-    log_plan(cfg, plan, votes["kept"] if votes else n_valid, n_examples, n_val)
+    plan_sft = plan_steps(n_examples - n_val, cfg)
+    log_plan(cfg, plan_sft, votes["kept"] if votes else n_valid, n_examples, n_val)
+    sft_steps = plan_sft["total_steps"] if on_policy.warm_start or not on_policy.steps else 0
+    plan: dict[str, Any] = {**plan_sft, "total_steps": sft_steps + on_policy.steps, "off_policy_steps": sft_steps,
+            "on_policy_steps": on_policy.steps}
     with staged_output(out_dir) as staged:
+        engines: dict[str, Any] = {}
         loop_config = LoopConfig(
             train=cfg.train, model_path=model_path, total_steps=plan["total_steps"],
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             export_uri=staged.partial.uri, has_val=n_val > 0, mlflow_tracking_uri=tracking_uri, run_dir=run_dir.uri,
-            tasks=[t.key for t in tasks],
+            tasks=[t.key for t in tasks], sft_steps=sft_steps,
         )
-        trainer = make_trainer(cfg, loop_config, storage, train_ds, val_ds if n_val else None)
-        # rank 0 appends to metrics.jsonl as it goes (in remote run storage, a copy every few seconds)
-        with Progress("train", lambda: last_step(staged.partial / "metrics.jsonl"), plan["total_steps"], "steps",
-                      every_s=30.0):
-            result = trainer.fit()
+        if on_policy.steps:
+            queries, plan["on_policy_queries"] = write_queries(
+                cfg, _batches(samples_dir, ["id", "query", *(["task"] if len(tasks) > 1 else [])]), staged.partial,
+                tokenizer, teacher_tokenizer, specs_by_key(tasks))
+            key = hashlib.sha256(staged.partial.uri.encode()).hexdigest()[:12]
+            loop_config = loop_config.model_copy(update={"on_policy_queries": queries.uri, "engines_key": key})
+        try:
+            if on_policy.steps:
+                engines = start_engines(cfg, key, model_path, teacher_path, cfg.train.max_seq_len)
+            trainer = make_trainer(cfg, loop_config, storage, train_ds, val_ds if n_val else None)
+            # rank 0 appends to metrics.jsonl as it goes (in remote run storage, a copy every few seconds)
+            with Progress("train", lambda: last_step(staged.partial / "metrics.jsonl"), plan["total_steps"], "steps",
+                          every_s=30.0):
+                result = trainer.fit()
+        finally:
+            stop_engines(engines)
         if result.error:
             raise result.error
         tmp = staged.local  # the driver's files, moved into run storage beside rank 0's
@@ -380,7 +403,19 @@ def plot_losses(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (answer tokens)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles = ax.get_legend_handles_labels()
+    kl_pts = [(r["step"], r["reverse_kl"]) for r in rows if r.get("reverse_kl") is not None]
+    if kl_pts:  # on-policy steps: the reverse KL per token on a second axis
+        kl_ax = ax.twinx()
+        kl_ax.plot(*zip(*kl_pts), label="reverse KL (on-policy batch)", color="#55a868")
+        held = [(r["step"] - 1, r["start_eval_reverse_kl"]) for r in rows if r.get("start_eval_reverse_kl") is not None]
+        held += [(r["step"], r["eval_reverse_kl"]) for r in rows if r.get("eval_reverse_kl") is not None]
+        if held:
+            kl_ax.plot(*zip(*held), "s--", label="reverse KL (held-out)", color="#c44e52")
+        kl_ax.set_ylabel("reverse KL per token (nats)")
+        extra = kl_ax.get_legend_handles_labels()
+        handles = (handles[0] + extra[0], handles[1] + extra[1])
+    ax.legend(*handles)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
