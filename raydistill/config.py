@@ -149,16 +149,22 @@ class OnPolicyConfig(_Section):
     temperature: float = Field(1.0, gt=0.0, description="Rollout sampling temperature (1: the student's own distribution).")
     refresh_every: int = Field(1, ge=1, description="Steps between sending the adapter to the rollout engine; the "
                                "steps between use answers of an older adapter, importance-weighted.")
+    teacher_topk: int = Field(20, ge=0, le=20, description="k > 0: at every sampled position, the exact reverse KL "
+                              "over the teacher's top k tokens and one bucket for the rest of the vocabulary (dense); "
+                              "0: the sampled token's reverse-KL policy gradient alone (docs/on_policy.md).")
     importance_clip: float = Field(2.0, gt=0.0, description="Upper clip of the per-token importance weight "
                                    "(current / rollout adapter probability).")
     eval_queries: int = Field(16, ge=0, description="Held-out queries (the validation split) whose reverse KL is "
                               "measured at the start, every eval_every steps, and at the end (0: none).")
     eval_every: int = Field(0, ge=0, description="Held-out reverse KL every N on-policy steps (0: start and end only).")
+    rollout_engines: int = Field(1, ge=1, description="Rollout engines (vLLM actors); worker rank r samples on engine "
+                                 "r mod this.")
+    scorer_engines: int = Field(1, ge=1, description="Teacher scorer engines (vLLM actors); rank r uses r mod this.")
     rollout_resources: dict[str, float] = Field(
-        default_factory=lambda: {"CPU": 1.0}, description="Ray resources of the rollout engine's actor, e.g. "
+        default_factory=lambda: {"CPU": 1.0}, description="Ray resources of each rollout engine's actor, e.g. "
         "{GPU: 1} or a custom resource that pins it to a node group, apart from training.")
     scorer_resources: dict[str, float] = Field(
-        default_factory=lambda: {"CPU": 1.0}, description="Ray resources of the teacher scorer's actor (its engine "
+        default_factory=lambda: {"CPU": 1.0}, description="Ray resources of each teacher scorer's actor (its engine "
         "is configured by teacher.*).")
     rollout_kv_cache_gib: float = Field(0.5, gt=0.0, description="KV cache of the rollout engine on CPU (ignored on GPU).")
 

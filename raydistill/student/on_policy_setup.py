@@ -14,7 +14,7 @@ from raydistill.config import PipelineConfig
 from raydistill.errors import DataError
 from raydistill.storage import Location
 from raydistill.student.examples import is_validation
-from raydistill.student.on_policy import check_same_tokenizer, query_prompts
+from raydistill.student.on_policy import check_same_tokenizer, query_prompts, serves_prefix
 from raydistill.tasks.task import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def query_table(rows: list[tuple[str, str, str]], split: str, student_tok: Any, 
     ``train.max_seq_len`` or the teacher's ``max_model_len`` is left out."""
     op, out = cfg.train.on_policy, []
     for qid, task, query in rows:
-        p = query_prompts(student_tok, teacher_tok, tasks[task], query)
+        p = query_prompts(student_tok, teacher_tok, tasks[task], query, serves_prefix(tasks[task], cfg))
         if len(p.student) + op.max_tokens > cfg.train.max_seq_len or len(p.teacher) + op.max_tokens + 1 > cfg.teacher.max_model_len:
             continue
         out.append({"id": qid, "task": task, "split": split, "query": query, "student_ids": p.student,

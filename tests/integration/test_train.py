@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 12, 3
 
 
-def write_samples(folder: Path, n: int) -> None:
-    task = load_task("langid")
+def write_samples(folder: Path, n: int, task_name: str = "langid") -> None:
+    task = load_task(task_name)
     rows = build_langid_demo()["train"][:n]
     folder.mkdir(parents=True)
     table = pa.table({
@@ -75,7 +75,8 @@ def wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float, what:
 
 def kill_session(proc: subprocess.Popen) -> None:
     """SIGKILL the driver, then every process it started (its session), as on a lost machine."""
-    os.kill(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # it may have exited (and failed) already
+        os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(2)
     with contextlib.suppress(ProcessLookupError):

@@ -17,8 +17,11 @@ from raydistill.student.on_policy import (
     check_same_tokenizer,
     query_prompts,
     reverse_kl_loss,
+    serves_prefix,
     teacher_token_logprobs,
+    teacher_top_logprobs,
     teacher_view,
+    topk_reverse_kl,
 )
 from raydistill.student.on_policy_engines import actor_options, sampled_logprobs
 from raydistill.student.on_policy_loop import on_policy_summary, seed_of, step_queries
@@ -43,7 +46,7 @@ def ids(tokenizer, text):
 
 def test_a_labelled_tasks_prompts_the_student_bare_and_the_teacher_with_its_prefix(tokenizer):
     task = load_task(str(TINY_TASK))
-    p = query_prompts(tokenizer, tokenizer, task, "Hallo Welt")
+    p = query_prompts(tokenizer, tokenizer, task, "Hallo Welt", student_prefixed=False)
     assert tokenizer.decode(p.student).endswith("<|im_start|>user\nHallo Welt<|im_end|>\n<|im_start|>assistant\n")
     assert "identify the language" not in tokenizer.decode(p.student)
     teacher = tokenizer.decode(p.teacher)
@@ -54,7 +57,7 @@ def test_a_labelled_tasks_prompts_the_student_bare_and_the_teacher_with_its_pref
 
 def test_a_student_answer_that_says_the_prefix_has_it_forced_for_the_teacher(tokenizer):
     task = load_task(str(TINY_TASK))
-    p = query_prompts(tokenizer, tokenizer, task, "Hallo")
+    p = query_prompts(tokenizer, tokenizer, task, "Hallo", student_prefixed=False)
     said = ids(tokenizer, "This text is written in German.<|im_end|>")
     seq, start, forced = teacher_view(p, said)
     assert forced == len(p.prefix) and start == len(p.teacher)
@@ -64,9 +67,14 @@ def test_a_student_answer_that_says_the_prefix_has_it_forced_for_the_teacher(tok
     assert forced2 == 0 and seq2 == seq and start2 == start  # the same tokens, scored the same way
 
 
-def test_a_free_tasks_student_is_served_with_the_prefix_so_every_answer_token_is_scored(tokenizer):
+def test_a_student_served_with_the_prefix_samples_after_it_so_every_answer_token_is_scored(tokenizer):
     task = load_task(str(SUPPORT))
-    p = query_prompts(tokenizer, tokenizer, task, "How do I resize?")
+    cfg = PipelineConfig.model_validate({"run_dir": "r", "queries": {"train_path": "x", "eval_path": "y"}})
+    assert serves_prefix(task, cfg)  # a free task's student always
+    langid = load_task(str(TINY_TASK))
+    assert not serves_prefix(langid, cfg)  # train.target: label
+    assert serves_prefix(langid, cfg.model_copy(update={"train": cfg.train.model_copy(update={"target": "response"})}))
+    p = query_prompts(tokenizer, tokenizer, task, "How do I resize?", student_prefixed=True)
     assert p.student_has_prefix and tokenizer.decode(p.student).endswith("assistant\nThanks for reaching out!")
     answer = ids(tokenizer, " Use Settings.<|im_end|>")
     seq, start, forced = teacher_view(p, answer)
@@ -101,15 +109,17 @@ def test_same_tokenizer_passes_and_a_different_vocabulary_or_template_is_refused
 def test_the_loss_gradient_is_the_reverse_kl_policy_gradient():
     student = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
     teacher = torch.tensor([-1.5, -1.0, -0.5])
-    loss, kl = reverse_kl_loss(student, student.detach(), teacher, importance_clip=2.0)
+    loss, kl, gap = reverse_kl_loss(student, student.detach(), teacher, importance_clip=2.0)
     loss.backward()
-    expected = (student.detach() - teacher) / 3  # (log pi - log p) per token, mean over tokens
-    assert torch.allclose(student.grad, expected) and abs(float(kl) - float(expected.sum())) < 1e-6
+    per_token = student.detach() - teacher  # log pi - log p
+    expected = (per_token - per_token.mean()) / 3  # centred on the batch mean, mean over tokens
+    assert torch.allclose(student.grad, expected) and abs(float(kl) - float(per_token.mean())) < 1e-6 and float(gap) == 0
     # stale answers are importance-weighted, the weight clipped
     s2 = torch.tensor([-1.0, -1.0], requires_grad=True)
-    loss2, _ = reverse_kl_loss(s2, torch.tensor([-1.0 - np.log(4.0), -1.0 + np.log(2.0)]), torch.tensor([-2.0, -2.0]), 2.0)
+    loss2, _, gap2 = reverse_kl_loss(s2, torch.tensor([-1.0 - np.log(4.0), -1.0 + np.log(2.0)]), torch.tensor([-2.0, -3.0]), 2.0)
     loss2.backward()
-    assert torch.allclose(s2.grad, torch.tensor([2.0 * 1.0, 0.5 * 1.0]) / 2)
+    assert torch.allclose(s2.grad, torch.tensor([2.0 * -0.5, 0.5 * 0.5]) / 2)  # KL terms 1 and 2, centred: -0.5, 0.5
+    assert abs(float(gap2) - (np.log(4.0) - np.log(2.0)) / 2) < 1e-6
 
 
 def test_minimising_it_on_the_students_own_samples_moves_a_toy_policy_to_the_teacher():
@@ -127,7 +137,7 @@ def test_minimising_it_on_the_students_own_samples_moves_a_toy_policy_to_the_tea
         lp_all = torch.log_softmax(logits, -1)
         tokens = torch.multinomial(lp_all.exp().detach(), 64, replacement=True, generator=gen)
         lp = lp_all[tokens]
-        loss, _ = reverse_kl_loss(lp, lp.detach(), teacher[tokens], importance_clip=2.0)
+        loss, _, _ = reverse_kl_loss(lp, lp.detach(), teacher[tokens], importance_clip=2.0)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -171,3 +181,37 @@ def test_on_policy_summary_and_config():
     opts = actor_options({"CPU": 1.0, "GPU": 1.0, "rollout_node": 0.5}, "n")
     assert opts["num_cpus"] == 1.0 and opts["num_gpus"] == 1.0 and opts["resources"] == {"rollout_node": 0.5}
     assert opts["runtime_env"]["env_vars"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+
+
+def test_teacher_top_logprobs_per_answer_token_and_a_certain_forced_prefix():
+    plp = [None, {7: {"logprob": -0.5}, 2: {"logprob": -1.5}}, {9: {"logprob": -3.0}, 8: {"logprob": -0.1}}]
+    ids_, lps = teacher_top_logprobs(plp, [6, 7, 9], 1, [4, 5])
+    assert ids_ == [[4], [5], [7, 2], [9, 8]] and lps == [[0.0], [0.0], [-0.5, -1.5], [-3.0, -0.1]]
+
+
+def test_topk_reverse_kl_is_the_kl_of_the_coarsened_distributions_and_teaches_a_toy_policy():
+    student = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0, -1.0]]), -1)
+    teacher = torch.log_softmax(torch.tensor([[0.0, 2.0, 1.0, -3.0]]), -1)
+    ids_ = torch.tensor([[1, 2]])
+    mask = torch.tensor([[True, True]])
+    got = topk_reverse_kl(student, ids_, teacher.gather(-1, ids_), mask)
+    s = student.exp()[0]
+    t = teacher.exp()[0]
+    coarse_s = torch.stack([s[1], s[2], s[0] + s[3]])
+    coarse_t = torch.stack([t[1], t[2], t[0] + t[3]])
+    assert abs(float(got) - float((coarse_s * (coarse_s.log() - coarse_t.log())).sum())) < 1e-5
+    # a padded slot changes nothing
+    padded = topk_reverse_kl(student, torch.tensor([[1, 2, 0]]), torch.cat([teacher.gather(-1, ids_), torch.zeros(1, 1)], -1),
+                             torch.tensor([[True, True, False]]))
+    assert abs(float(padded) - float(got)) < 1e-6
+    logits = torch.zeros(1, 5, requires_grad=True)
+    target = torch.log_softmax(torch.tensor([[3.0, 1.0, 0.0, -1.0, -2.0]]), -1)
+    top = torch.tensor([[0, 1, 2]])
+    opt = torch.optim.SGD([logits], lr=0.5)
+    for _ in range(200):
+        loss = topk_reverse_kl(torch.log_softmax(logits, -1), top, target.gather(-1, top), torch.ones(1, 3, dtype=torch.bool))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    probs = torch.softmax(logits.detach(), -1)[0]
+    assert torch.allclose(probs[:3], target.exp()[0, :3], atol=0.02)

@@ -81,3 +81,12 @@ def test_memory_fit_counts_a_moe_teacher_and_refuses_one_gpu_too_small():
                                                          "teacher.accelerator_type=L4"])
     (generate,) = [line for line in memory_fits(small) if line.startswith("generate")]
     assert "61.1 GB weights" in generate and "DOES NOT FIT" in generate and "of 21.6 GB (L4)" in generate
+
+
+def test_on_policy_engines_are_asked_for_beside_the_train_workers():
+    cfg = load_config(CONFIGS / "gpu_single.yaml", ["train.on_policy.steps=10", "train.on_policy.rollout_engines=2",
+                                                    "train.on_policy.rollout_resources={GPU: 1}"])
+    by_stage = {d.stage: d for d in demands(cfg)}
+    assert by_stage["train:rollout"].total() == {"GPU": 2.0}
+    assert by_stage["train:scorer"].total() == {"CPU": 1.0}
+    assert "train:rollout" not in {d.stage for d in demands(load_config(CONFIGS / "gpu_single.yaml"))}
