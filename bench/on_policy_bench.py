@@ -92,8 +92,11 @@ def held_out_reverse_kl(students: dict[str, Path | None], n_queries: int) -> dic
     task = task_for(cfg.task)
     model = resolve_model(cfg.train.student_model)
     tok = AutoTokenizer.from_pretrained(model)
-    queries = [r["text"] for r in build_langid_demo()["eval"][:n_queries]]
-    prompts = [query_prompts(tok, tok, task, q, serves_prefix(task, cfg)) for q in queries]
+    prompts: list[Any] = []  # the first held-out queries whose prompt and answer fit the rollout engine (as training's do)
+    for row in build_langid_demo()["eval"]:
+        p = query_prompts(tok, tok, task, row["text"], serves_prefix(task, cfg))
+        if len(p.student) + 12 <= cfg.train.max_seq_len and len(prompts) < n_queries:
+            prompts.append(p)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}}
