@@ -74,14 +74,12 @@ def test_config_show_lists_every_key_with_its_description_and_reads_back(path):
 
     cfg = load_config(path)
     text = render_config(cfg)
-    lines, section = {}, ""
+    lines: dict[str, str] = {}
+    path: list[str] = []  # the keys above this line, by indentation (two spaces a level)
     for line in text.splitlines():
-        name = line.strip().split(":")[0]
-        if line.startswith("  "):
-            lines[f"{section}.{name}"] = line
-        else:
-            section = name
-            lines[name] = line
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        path = [*path[:depth], line.strip().split(":")[0]]
+        lines[".".join(path)] = line
     for key, field in _fields(PipelineConfig):
         if cfg.tasks is not None and key.startswith("task."):
             continue  # several tasks: `task` is not shown
