@@ -225,6 +225,10 @@ class TrainConfig(_Section):
         if self.on_policy.steps and self.method != "lora":
             raise ValueError("train.on_policy sends the LoRA adapter to its rollout engine; full fine-tuning has none: "
                              "set train.method=lora")
+        answers = self.on_policy.queries_per_step * self.on_policy.samples_per_query
+        if self.on_policy.steps and answers < self.gradient_accumulation_steps:
+            raise ValueError(f"an on-policy step's {answers} answers per worker are fewer than train.gradient_accumulation_"
+                             f"steps={self.gradient_accumulation_steps} micro-batches; raise train.on_policy.queries_per_step")
         return self
 
 

@@ -178,6 +178,8 @@ def test_on_policy_summary_and_config():
     assert s["seconds_per_step"] == {"rollout_s": 3.0, "score_s": 1.0, "update_s": 2.0, "sync_s": 0.1}
     with pytest.raises(ValueError, match="set train.method=lora"):
         TrainConfig(method="full", on_policy={"steps": 1})
+    with pytest.raises(ValueError, match="raise train.on_policy.queries_per_step"):
+        TrainConfig(gradient_accumulation_steps=4, on_policy={"steps": 1, "queries_per_step": 1, "samples_per_query": 2})
     opts = actor_options({"CPU": 1.0, "GPU": 1.0, "rollout_node": 0.5}, "n")
     assert opts["num_cpus"] == 1.0 and opts["num_gpus"] == 1.0 and opts["resources"] == {"rollout_node": 0.5}
     assert opts["runtime_env"]["env_vars"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
