@@ -21,6 +21,21 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(4, cores))
 
 
+# The real-engine scenarios, longest first (module setup on a loaded 2-core host, seconds, from
+# `pytest --durations` in docs/testing.md). xdist hands whole files out in collection order
+# (`--no-loadscope-reorder` in the Makefile keeps it): starting the longest first is what packs
+# them onto two workers (the shortest-first default left a 10-minute scenario for the end).
+SCENARIO_SECONDS = {
+    "test_multinode.py": 950, "test_pipeline.py": 800, "test_multitask_pipeline.py": 700, "test_train.py": 650,
+    "test_votes.py": 200, "test_cli_errors.py": 90, "test_dedup.py": 80,
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    # stable: within a file, and among the files not listed, the collection order stays
+    items.sort(key=lambda item: -SCENARIO_SECONDS.get(item.path.name, 0))
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     from transformers import AutoTokenizer

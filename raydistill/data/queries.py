@@ -53,6 +53,16 @@ def normalize_batch(
     )
 
 
+def csv_column_types(cfg: QueriesConfig):
+    """CSV cells are read as text in the query columns: type inference would make ids such as
+    ``00123`` integers (their zeros lost) or give two files of one source different types."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    columns = [c for c in (cfg.text_column, cfg.id_column, cfg.gold_column) if c]
+    return pacsv.ConvertOptions(column_types=dict.fromkeys(columns, pa.string()))
+
+
 def read_queries(source: Source, cfg: QueriesConfig) -> ray.data.Dataset:
     """A lazy Ray Dataset of queries in the QUERIES schema (optionally de-duplicated by id)."""
     import ray.data
@@ -64,7 +74,7 @@ def read_queries(source: Source, cfg: QueriesConfig) -> ray.data.Dataset:
         "jsonl": lambda: ray.data.read_json(files, **kwargs),
         "json": lambda: ray.data.read_json(files, **kwargs),
         "parquet": lambda: ray.data.read_parquet(files, **kwargs),
-        "csv": lambda: ray.data.read_csv(files, **kwargs),
+        "csv": lambda: ray.data.read_csv(files, convert_options=csv_column_types(cfg), **kwargs),
         "text": lambda: ray.data.read_text(files, drop_empty_lines=True, **kwargs),
     }
     ds: ray.data.Dataset

@@ -35,7 +35,7 @@ from raydistill.tasks.task import load_task
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-SFT_STEPS, ON_POLICY_STEPS, EVERY, EVAL_QUERIES = 6, 6, 3, 16
+SFT_STEPS, ON_POLICY_STEPS, EVERY, EVAL_QUERIES = 6, 4, 3, 16  # checkpoints at 3, 6, 9: the last inside the on-policy steps
 STEPS = SFT_STEPS + ON_POLICY_STEPS
 TINY_TASK = REPO / "tests" / "data" / "tiny_task.yaml"  # the langid task with a short prompt: cheap to score
 

@@ -108,3 +108,16 @@ def test_builtin_demo_split_is_disjoint_and_labelled():
     sources = {r["source"] for r in data["train"]}
     assert "code" in sources and "numbers" in sources
     assert data == build_langid_demo()  # deterministic
+
+
+def test_csv_query_columns_are_read_as_text(tmp_path):
+    """Ids that look like numbers keep their digits, and every file of a source reads the same types."""
+    import pyarrow.csv as pacsv
+
+    from raydistill.config import QueriesConfig
+    from raydistill.data.queries import csv_column_types
+
+    (tmp_path / "q.csv").write_text("qid,question,lang,extra\n00123,42,1e5,7\n")
+    cfg = QueriesConfig(train_path="x", eval_path="y", text_column="question", id_column="qid", gold_column="lang")
+    row = pacsv.read_csv(tmp_path / "q.csv", convert_options=csv_column_types(cfg)).to_pylist()[0]
+    assert row == {"qid": "00123", "question": "42", "lang": "1e5", "extra": 7}
