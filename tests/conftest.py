@@ -21,10 +21,10 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(4, cores))
 
 
-# The real-engine scenarios, longest first (module setup on a loaded 2-core host, seconds, from
-# `pytest --durations` in docs/testing.md). xdist hands whole files out in collection order
-# (`--no-loadscope-reorder` in the Makefile keeps it): starting the longest first is what packs
-# them onto two workers (the shortest-first default left a 10-minute scenario for the end).
+# The real-engine scenarios, longest first (rough module seconds on a loaded 2-core host; the
+# measured ones are in docs/testing.md). xdist hands whole files out in collection order
+# (`--no-loadscope-reorder` in the Makefile keeps it; its default orders files by how many tests
+# they hold) and gives each worker two at the start: pipeline + train, multi-node + votes.
 SCENARIO_SECONDS = {
     "test_pipeline.py": 1000, "test_multinode.py": 950, "test_train.py": 650,
     "test_votes.py": 200, "test_cli_errors.py": 90, "test_dedup.py": 80,
