@@ -11,6 +11,11 @@ REPO = Path(__file__).resolve().parents[1]
 # SmolLM2's tokenizer and chat template, committed: unit tests need no model materialized
 SMOLLM2_TOKENIZER = REPO / "tests" / "data" / "smollm2-tokenizer"
 
+# The `ray start` clusters of the integration tests (test_pipeline, multinode.py) inherit this
+# process's environment: keep their idle worker processes for a minute, as init_ray does for a
+# local Ray (raydistill/runtime.py LOCAL_SYSTEM_CONFIG says why).
+os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "60000")
+
 
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook; plain pytest (a GPU box) runs without it
 def pytest_xdist_auto_num_workers(config) -> int:

@@ -36,7 +36,7 @@ from raydistill.student.loop import MLFLOW_EXPERIMENT, train_loop_per_worker
 from raydistill.student.loop_config import LoopConfig
 from raydistill.student.on_policy_engines import start_engines, stop_engines
 from raydistill.student.on_policy_setup import check_tokenizers, write_queries
-from raydistill.student.votes import CONFIDENCE, majority_vote
+from raydistill.student.votes import CONFIDENCE, majority_vote, summarize_votes, vote_counts
 from raydistill.tasks.pipeline_tasks import run_tasks, specs_by_key, task_factors
 
 logger = logging.getLogger(__name__)
@@ -291,17 +291,18 @@ def example_datasets(cfg: PipelineConfig, samples_dir: Location, model_path: str
     import ray
     from ray.data.expressions import col
 
-    samples = ray.data.read_parquet(parquet_files(samples_dir), columns=training_columns(samples_dir, cfg.train.kl_weight > 0))
+    samples = ray.data.read_parquet(parquet_files(samples_dir)).select_columns(
+        training_columns(samples_dir, cfg.train.kl_weight > 0))
     votes = None
     if cfg.teacher.votes > 1:  # one row per query: its majority label (student/votes.py); a hash shuffle on id
         voted = samples.groupby("id").map_groups(majority_vote, batch_format="pyarrow").materialize()
-        kept = voted.filter(expr=(col(CONFIDENCE) >= cfg.train.min_confidence) & (col("valid") == True))  # noqa: E712
-        votes = {"queries": voted.count(), "mean_confidence": round(voted.mean(CONFIDENCE) or 0.0, 4),
-                 "unanimous": voted.filter(expr=col(CONFIDENCE) >= 1.0).count(), "kept": kept.count(),
-                 "min_confidence": cfg.train.min_confidence}
+        counts = voted.map_batches(vote_counts, fn_kwargs={"min_confidence": cfg.train.min_confidence},
+                                   batch_format="pyarrow", batch_size=None).take_all()
+        votes = summarize_votes(counts, cfg.teacher.votes, cfg.train.min_confidence)
         logger.info("train: %d votes per query: %d queries, mean majority share %.3f, %d unanimous, %d kept "
                     "(train.min_confidence=%s)", cfg.teacher.votes, votes["queries"], votes["mean_confidence"],
                     votes["unanimous"], votes["kept"], cfg.train.min_confidence)
+        kept = voted.filter(expr=(col(CONFIDENCE) >= cfg.train.min_confidence) & (col("valid") == True))  # noqa: E712
         samples = kept
     examples = (
         samples

@@ -53,10 +53,10 @@ def config(tmp_path: Path, min_confidence: float) -> PipelineConfig:
         "train": {"min_confidence": min_confidence, "val_fraction": 0.0, "target": "label"}})
 
 
-@pytest.mark.parametrize("min_confidence,kept", [(0.0, {"q0": "English", "q1": "German", "q2": "Spanish"}),
-                                                 (0.6, {"q0": "English", "q1": "German"})])
-def test_each_query_is_learned_once_with_its_majority_label(tmp_path, ray_local, min_confidence, kept):
-    cfg = config(tmp_path, min_confidence)
+def test_each_query_is_learned_once_with_its_majority_label(tmp_path, ray_local):
+    """One Ray Data run (each costs minutes on a loaded 2-core host): the 0.6 bar keeps q1's 2/3
+    majority and drops q2's 1/3 one; the tie-break and the 0.0 bar are unit-tested on the pure parts."""
+    cfg, kept = config(tmp_path, 0.6), {"q0": "English", "q1": "German"}
     tasks = run_tasks(cfg)
     write_votes(tmp_path / "samples", tasks[0].spec)
     train_ds, _, n_examples, n_val, votes = example_datasets(cfg, location(tmp_path / "samples"), TOKENIZER,
