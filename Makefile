@@ -43,7 +43,7 @@ test: setup system-deps
 	$(VENV)/bin/mypy
 	# one worker per core, up to 4 (tests/conftest.py); a file's tests share its fixtures, so each
 	# file stays on one worker; files go out in conftest's order (longest scenario first), not xdist's
-	$(NETNS) $(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=10 tests
+	$(NETNS) $(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=25 tests
 
 # the quick loop before a commit: the pure unit tests (no Ray cluster, no engine), under a minute
 unit: setup
