@@ -69,9 +69,12 @@ def last_step(metrics_jsonl: str | Path | Location) -> int:
 def format_line(label: str, done: int, total: int | None, unit: str, elapsed_s: float, rate: float | None = None) -> str:
     """``generate: 96/300 samples · 1.60/s · ETA 2m08s · 1m00s elapsed`` (pure). ``rate``: the
     steady rate when known (start-up excluded), else the average since the start."""
+    head = f"{label}: {done:,}/{total:,} {unit}" if total else f"{label}: {done:,} {unit}"
+    if done == 0:  # engines and workers still loading: "0.00/s" would read as stuck
+        return f"{head} · starting up, none finished yet · {duration(elapsed_s)} elapsed"
     if rate is None:
         rate = done / elapsed_s if elapsed_s > 0 else 0.0
-    parts = [f"{label}: {done:,}/{total:,} {unit}" if total else f"{label}: {done:,} {unit}", f"{rate:.2f}/s"]
+    parts = [head, f"{rate:.2f}/s"]
     if total and rate > 0 and done < total:
         parts.append(f"ETA {duration((total - done) / rate)}")
     parts.append(f"{duration(elapsed_s)} elapsed")

@@ -13,7 +13,7 @@ def test_line_shows_done_total_rate_and_eta():
     assert format_line("generate", 96, 300, "samples", 60.0) == "generate: 96/300 samples · 1.60/s · ETA 2m08s · 1m00s elapsed"
     assert format_line("generate", 300, 300, "samples", 150.0) == "generate: 300/300 samples · 2.00/s · 2m30s elapsed"
     assert format_line("generate", 5, None, "samples", 10.0) == "generate: 5 samples · 0.50/s · 10s elapsed"
-    assert "ETA" not in format_line("train", 0, 17, "steps", 30.0)  # no rate yet, no guess
+    assert format_line("train", 0, 17, "steps", 30.0) == "train: 0/17 steps · starting up, none finished yet · 30s elapsed"
     # the steady rate, start-up left out, sets the ETA
     assert format_line("generate", 128, 300, "samples", 150.0, rate=4.0) == \
         "generate: 128/300 samples · 4.00/s · ETA 43s · 2m30s elapsed"
