@@ -35,7 +35,7 @@ from raydistill.tasks.task import load_task
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-SFT_STEPS, ON_POLICY_STEPS, EVERY, EVAL_QUERIES = 6, 4, 3, 16  # checkpoints at 3, 6, 9: the last inside the on-policy steps
+SFT_STEPS, ON_POLICY_STEPS, EVERY, EVAL_QUERIES = 4, 3, 2, 16  # checkpoints at 2, 4, 6: the last inside the on-policy steps
 STEPS = SFT_STEPS + ON_POLICY_STEPS
 TINY_TASK = REPO / "tests" / "data" / "tiny_task.yaml"  # the langid task with a short prompt: cheap to score
 
@@ -97,7 +97,7 @@ def train_config(run: Path) -> dict:
         "teacher": {"kv_cache_gib": 0.25, "enforce_eager": True, "max_model_len": 512},  # the teacher scorer
         "train": {"num_workers": 2, "zero_stage": 2, "lora_rank": 8, "lora_target_modules": ["q_proj", "v_proj"],
                   "batch_size_per_worker": 2, "max_steps": SFT_STEPS, "checkpoint_every": EVERY, "log_every": 1,
-                  "eval_every": 6, "val_fraction": 0.3, "max_failures": 2, "max_seq_len": 160, "learning_rate": 1e-3,
+                  "eval_every": SFT_STEPS, "val_fraction": 0.3, "max_failures": 2, "max_seq_len": 160, "learning_rate": 1e-3,
                   "warmup_ratio": 0.0, "target": "response",
                   "on_policy": {"steps": ON_POLICY_STEPS, "queries_per_step": 4, "samples_per_query": 2, "max_tokens": 12,
                                 "eval_queries": EVAL_QUERIES, "rollout_kv_cache_gib": 0.25}},
