@@ -12,9 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 SMOLLM2_TOKENIZER = REPO / "tests" / "data" / "smollm2-tokenizer"
 
 # The `ray start` clusters of the integration tests (test_pipeline, multinode.py) inherit this
-# process's environment: keep their idle worker processes for a minute, as init_ray does for a
-# local Ray (raydistill/runtime.py LOCAL_SYSTEM_CONFIG says why).
+# process's environment: keep their idle worker processes for a minute and run them at nice 0, as
+# init_ray does for a local Ray (raydistill/runtime.py LOCAL_SYSTEM_CONFIG says why).
 os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "60000")
+os.environ.setdefault("RAY_worker_niceness", "0")  # likewise: Ray's nice 15 starves them beside a busy process
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook; plain pytest (a GPU box) runs without it
