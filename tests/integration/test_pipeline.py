@@ -258,13 +258,16 @@ def serve_process(finished_run):
     run, _, _ = finished_run
     config = run.parent / "config.yaml"
     port = yaml.safe_load(config.read_text())["serve"]["port"]
-    proc = subprocess.Popen([sys.executable, "-m", "raydistill", "serve", str(config)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # its log to a file, not a pipe: a pipe nobody reads until the end blocks the server once full
+    log = run.parent / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "raydistill", "serve", str(config)], cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     try:
         while True:
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert proc.poll() is None, log.read_text()[-3000:]
             try:
                 if requests.get(url + "/health", timeout=5).status_code == 200:
                     break
